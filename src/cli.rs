@@ -1,0 +1,335 @@
+//! The command line: `run`, `publish`, `check`, `denylist …`, `config check`.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, KafkaConfig};
+use crate::denylist::{Denylist, Retention};
+use crate::event::{Event, Revocation};
+use crate::publish::{new_event_id, Publisher};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "revsync",
+    version,
+    about = "JWT revocation sidecar: Kafka revocation events → local denylist → localhost checks"
+)]
+pub struct Cli {
+    /// Log JSON lines instead of text (level from RUST_LOG, default info).
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon.
+    Run(RunArgs),
+    /// Publish revocation events (native v1) to Kafka, as an authorization server would.
+    Publish(PublishArgs),
+    /// Ask a running daemon about a token (read from stdin, never from the command line).
+    Check(CheckArgs),
+    /// Inspect the denylist store of a stopped daemon.
+    Denylist {
+        #[command(subcommand)]
+        command: DenylistCommand,
+    },
+    /// Validate a config file.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Config file (TOML).
+    #[arg(long, short, env = "REVSYNC_CONFIG")]
+    pub config: PathBuf,
+    /// Override `http.listen`.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Override `store.path`.
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// Override `kafka.brokers`.
+    #[arg(long)]
+    pub brokers: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct PublishArgs {
+    /// Bootstrap brokers (ignored when --config is given).
+    #[arg(long, default_value = crate::config::DEFAULT_BROKERS, env = "REVSYNC_KAFKA__BROKERS")]
+    pub brokers: String,
+    /// Take brokers and librdkafka properties from this config file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Topic to publish to.
+    #[arg(long, default_value = "revocations")]
+    pub topic: String,
+    /// Free text for operators.
+    #[arg(long, global = true)]
+    pub reason: Option<String>,
+    /// Event time (unix seconds); default now.
+    #[arg(long, global = true)]
+    pub event_time: Option<u64>,
+    #[command(subcommand)]
+    pub what: PublishWhat,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PublishWhat {
+    /// Revoke one token.
+    Token {
+        #[arg(long)]
+        iss: String,
+        #[arg(long)]
+        jti: String,
+        /// The token's exp (lets the entry be dropped then).
+        #[arg(long)]
+        exp: Option<u64>,
+    },
+    /// Revoke a subject's tokens issued before --not-before (default: now).
+    Subject {
+        #[arg(long)]
+        iss: String,
+        #[arg(long)]
+        sub: String,
+        #[arg(long)]
+        not_before: Option<u64>,
+    },
+    /// Revoke every token of a session.
+    Session {
+        #[arg(long)]
+        iss: String,
+        #[arg(long)]
+        sid: String,
+    },
+    /// Revoke a client's tokens issued before --not-before (default: now).
+    Client {
+        #[arg(long)]
+        iss: String,
+        #[arg(long)]
+        client_id: String,
+        #[arg(long)]
+        not_before: Option<u64>,
+    },
+    /// Revoke every token of an issuer issued before --not-before (default: now).
+    Issuer {
+        #[arg(long)]
+        iss: String,
+        #[arg(long)]
+        not_before: Option<u64>,
+    },
+    /// Publish native v1 events read as JSON lines from stdin.
+    Lines,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Base URL of the daemon.
+    #[arg(long, default_value = "http://127.0.0.1:8181")]
+    pub url: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DenylistCommand {
+    /// Entry counts by kind and stored positions.
+    Stats(StoreArgs),
+    /// Every entry, one JSON line each.
+    Dump(StoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StoreArgs {
+    /// Store directory (default: store.path of --config).
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Validate a config file and print the effective config, secrets redacted.
+    Check { file: PathBuf },
+}
+
+fn process_env() -> impl Iterator<Item = (String, String)> {
+    std::env::vars().filter(|(k, _)| k.starts_with(crate::config::ENV_PREFIX))
+}
+
+pub fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
+    Ok(Config::load(path, process_env())?)
+}
+
+pub async fn execute(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Run(args) => {
+            let mut config = load_config(&args.config)?;
+            if let Some(l) = args.listen {
+                config.http.listen = l;
+            }
+            if let Some(s) = args.store {
+                config.store.path = s;
+            }
+            if let Some(b) = args.brokers {
+                config.kafka.brokers = b;
+            }
+            config.validate()?;
+            if config.issuers.is_empty() {
+                tracing::warn!("no issuers configured: every check will answer wrong_issuer");
+            }
+            let listener = crate::app::Listener::bind(&config.http.listen).await?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(crate::shutdown_signal(shutdown.clone()));
+            crate::app::run(config, listener, shutdown).await?;
+            Ok(0)
+        }
+        Command::Publish(args) => publish(args).await,
+        Command::Check(args) => check(args).await,
+        Command::Denylist { command } => denylist(command),
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => {
+            let config = load_config(&file)?;
+            print!("{}", config.to_redacted_toml());
+            eprintln!("config OK: {}", file.display());
+            Ok(0)
+        }
+    }
+}
+
+async fn publish(args: PublishArgs) -> anyhow::Result<i32> {
+    let kafka = match &args.config {
+        Some(path) => load_config(path)?.kafka,
+        None => KafkaConfig::new(args.brokers.clone()),
+    };
+    let topic = args.topic.clone();
+    let now = crate::unix_now();
+    let event_time = args.event_time.unwrap_or(now);
+    let revocation = match args.what {
+        PublishWhat::Token { iss, jti, exp } => Some(Revocation::Token { iss, jti, exp }),
+        PublishWhat::Subject {
+            iss,
+            sub,
+            not_before,
+        } => Some(Revocation::Subject {
+            iss,
+            sub,
+            not_before: not_before.unwrap_or(event_time),
+        }),
+        PublishWhat::Session { iss, sid } => Some(Revocation::Session { iss, sid }),
+        PublishWhat::Client {
+            iss,
+            client_id,
+            not_before,
+        } => Some(Revocation::Client {
+            iss,
+            client_id,
+            not_before: not_before.unwrap_or(event_time),
+        }),
+        PublishWhat::Issuer { iss, not_before } => Some(Revocation::Issuer {
+            iss,
+            not_before: not_before.unwrap_or(event_time),
+        }),
+        PublishWhat::Lines => None,
+    };
+    let reason = args.reason;
+    tokio::task::spawn_blocking(move || -> anyhow::Result<i32> {
+        let publisher = Publisher::new(&kafka, &topic)?;
+        let n = match revocation {
+            Some(revocation) => {
+                let event = Event {
+                    id: new_event_id(),
+                    event_time,
+                    revocation,
+                    reason,
+                };
+                publisher.send(&event)?;
+                println!("{}", crate::event::encode_native(&event));
+                1
+            }
+            None => publisher.send_lines(std::io::stdin().lock())?,
+        };
+        publisher.finish(Duration::from_secs(30))?;
+        eprintln!("published {n} event(s) to {topic}");
+        Ok(0)
+    })
+    .await?
+}
+
+async fn check(args: CheckArgs) -> anyhow::Result<i32> {
+    let mut token = String::new();
+    std::io::stdin()
+        .read_to_string(&mut token)
+        .context("reading the token from stdin")?;
+    let token = token.trim();
+    if token.is_empty() {
+        bail!("no token on stdin (usage: revsync check < token.txt)");
+    }
+    let url = format!("{}/v1/check", args.url.trim_end_matches('/'));
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .json(&serde_json::json!({ "token": token }))
+        .send()
+        .await
+        .with_context(|| format!("asking {url}"))?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.context("reading the answer")?;
+    println!("{}", serde_json::to_string_pretty(&body)?);
+    if !status.is_success() {
+        return Ok(2);
+    }
+    Ok(if body["active"] == serde_json::Value::Bool(true) {
+        0
+    } else {
+        1
+    })
+}
+
+fn denylist(command: DenylistCommand) -> anyhow::Result<i32> {
+    let (DenylistCommand::Stats(args) | DenylistCommand::Dump(args)) = &command;
+    let (path, retention) = match (&args.store, &args.config) {
+        (Some(p), _) => (
+            p.clone(),
+            Retention::new(
+                crate::config::DEFAULT_MAX_TOKEN_LIFETIME,
+                crate::config::DEFAULT_LEEWAY,
+            ),
+        ),
+        (None, Some(c)) => {
+            let config = load_config(c)?;
+            (config.store.path.clone(), Retention::from_config(&config))
+        }
+        (None, None) => bail!("name the store with --store DIR or --config FILE"),
+    };
+    let d = Denylist::open(&path, 64 << 20, retention)
+        .with_context(|| format!("opening {} (is the daemon still running?)", path.display()))?;
+    match command {
+        DenylistCommand::Stats(_) => {
+            let out = serde_json::json!({
+                "entries": d.sizes(),
+                "positions": d.positions()?,
+                "bytes_on_disk": d.size_on_disk(),
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        DenylistCommand::Dump(_) => {
+            for (kind, iss, id, primary, expiry) in d.entries()? {
+                println!(
+                    "{}",
+                    serde_json::json!({"kind": kind, "iss": iss, "id": id, "value": primary, "expires": expiry})
+                );
+            }
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,657 @@
+//! One typed configuration: a TOML file, then `REVSYNC_<SECTION>__<KEY>` environment
+//! overrides, then CLI flags (applied by the caller). Every key but the broker, the
+//! issuers and their audiences has a default, named below as `DEFAULT_*` or `default_*`.
+//!
+//! Parsing takes the environment as an argument so tests never touch process env.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8181";
+pub const DEFAULT_STORE_PATH: &str = "/var/lib/revsync";
+pub const DEFAULT_BROKERS: &str = "localhost:9092";
+/// Tansu holds a fetch for the whole `fetch.wait.max.ms` even when data is there, and
+/// real Kafka answers as soon as data arrives; 10 ms keeps propagation in the
+/// milliseconds on both at the cost of ~100 empty fetches/s per broker when idle.
+pub const DEFAULT_FETCH_WAIT_MAX: Duration = Duration::from_millis(10);
+pub const DEFAULT_MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(30);
+pub const ENV_PREFIX: &str = "REVSYNC_";
+
+/// Keys whose values are secrets: redacted when the effective config is printed.
+const SECRET_KEY_MARKERS: &[&str] = &["password", "secret", "sasl.oauthbearer.config", "key.pem"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config: {0}")]
+    Parse(String),
+    #[error("config: environment override {var}: {problem}")]
+    Env { var: String, problem: String },
+    #[error("config: {key}: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    pub kafka: KafkaConfig,
+    /// The issuers whose tokens are checked and whose revocations are kept. Required for
+    /// `run` (at least one); events for other issuers are still stored.
+    #[serde(default)]
+    pub issuers: Vec<IssuerConfig>,
+    #[serde(default)]
+    pub freshness: FreshnessConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Where the check API listens: `host:port` (loopback by default) or
+    /// `unix:/path/to.sock`. Default `127.0.0.1:8181`.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Largest request body accepted, in bytes; larger bodies get 413. Default 16384.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// How long shutdown waits for in-flight requests. Default `10s`.
+    #[serde(default = "default_drain", with = "duration")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Directory of the sled denylist. Default `/var/lib/revsync`.
+    #[serde(default = "default_store_path")]
+    pub path: PathBuf,
+    /// How often entries that can no longer affect any token are dropped. Default `60s`.
+    #[serde(default = "default_gc_interval", with = "duration")]
+    pub gc_interval: Duration,
+    /// sled page cache size in bytes. Default 256 MiB.
+    #[serde(default = "default_cache_bytes")]
+    pub cache_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, comma separated (librdkafka `bootstrap.servers`). Required.
+    pub brokers: String,
+    /// Topics to consume; every partition of each is read by every instance.
+    #[serde(default = "default_topics")]
+    pub topics: Vec<TopicConfig>,
+    /// Passed to librdkafka as is (security.protocol, sasl.*, ssl.* …). Keys revsync
+    /// manages itself (group/offset settings) are refused.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// librdkafka `fetch.wait.max.ms`: how long the broker may hold a fetch. Default `10ms`.
+    #[serde(default = "default_fetch_wait", with = "duration")]
+    pub fetch_wait_max: Duration,
+    /// Most records applied in one atomic store write. Default 10000.
+    #[serde(default = "default_batch_max")]
+    pub batch_max: usize,
+    /// How often the high watermarks are fetched to measure lag. Default `1s`.
+    #[serde(default = "default_watermark_interval", with = "duration")]
+    pub watermark_interval: Duration,
+    /// How often topic metadata is re-read to pick up added partitions. Default `10s`.
+    #[serde(default = "default_metadata_interval", with = "duration")]
+    pub metadata_interval: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    /// Topic name.
+    pub name: String,
+    /// Wire format of the records: `native` (default), `set`, `keycloak`.
+    #[serde(default)]
+    pub format: EventFormat,
+    /// Issuer to attribute events to, for formats whose events carry none (keycloak).
+    #[serde(default)]
+    pub issuer: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum EventFormat {
+    #[default]
+    Native,
+    Set,
+    Keycloak,
+}
+
+impl EventFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventFormat::Native => "native",
+            EventFormat::Set => "set",
+            EventFormat::Keycloak => "keycloak",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// The issuer identifier, exactly as in tokens' `iss`. Required.
+    pub issuer: String,
+    /// JWKS location. Default: `jwks_uri` from `{issuer}/.well-known/openid-configuration`.
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    /// Accepted `aud` values; a token must carry at least one. Required, non-empty.
+    pub audiences: Vec<String>,
+    /// Accepted signature algorithms. Default `["RS256", "ES256"]`. Never `none` or HS*.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Longest lifetime of this issuer's tokens: bounds how long subject, client,
+    /// session and issuer entries are kept. Default `24h`.
+    #[serde(default = "default_max_token_lifetime", with = "duration")]
+    pub max_token_lifetime: Duration,
+    /// `true`: RFC 9068, the header `typ` must be `at+jwt`. Default false.
+    #[serde(default)]
+    pub require_typ: bool,
+    /// Clock skew allowed on `exp`/`nbf`. Default `30s`.
+    #[serde(default = "default_leeway", with = "duration")]
+    pub leeway: Duration,
+    /// Claims a token must carry besides `exp`, `iss`, `aud`. Default none.
+    #[serde(default)]
+    pub required_claims: Vec<String>,
+    /// How often the JWKS is re-fetched. Default `5m`.
+    #[serde(default = "default_jwks_refresh", with = "duration")]
+    pub jwks_refresh: Duration,
+    /// Least time between two fetches triggered by unknown `kid`s. Default `10s`.
+    #[serde(default = "default_jwks_min_refetch", with = "duration")]
+    pub jwks_min_refetch: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStale {
+    #[default]
+    Deny,
+    Allow,
+    Introspect,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FreshnessConfig {
+    /// How long since the last confirmed catch-up before the denylist counts as stale.
+    /// Default `30s`.
+    #[serde(default = "default_max_staleness", with = "duration")]
+    pub max_staleness: Duration,
+    /// What a check does when stale: `deny` (default), `allow`, `introspect`.
+    #[serde(default)]
+    pub on_stale: OnStale,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `true`: JSON log lines; default human-readable text. Level comes from `RUST_LOG`.
+    #[serde(default)]
+    pub json: bool,
+}
+
+fn default_listen() -> String {
+    DEFAULT_LISTEN.to_string()
+}
+fn default_max_body() -> usize {
+    16 * 1024
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_store_path() -> PathBuf {
+    PathBuf::from(DEFAULT_STORE_PATH)
+}
+fn default_gc_interval() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_cache_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+fn default_topics() -> Vec<TopicConfig> {
+    vec![TopicConfig {
+        name: "revocations".into(),
+        format: EventFormat::Native,
+        issuer: None,
+    }]
+}
+fn default_fetch_wait() -> Duration {
+    DEFAULT_FETCH_WAIT_MAX
+}
+fn default_batch_max() -> usize {
+    10_000
+}
+fn default_watermark_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_metadata_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_algorithms() -> Vec<String> {
+    vec!["RS256".into(), "ES256".into()]
+}
+fn default_max_token_lifetime() -> Duration {
+    DEFAULT_MAX_TOKEN_LIFETIME
+}
+fn default_leeway() -> Duration {
+    DEFAULT_LEEWAY
+}
+fn default_jwks_refresh() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_jwks_min_refetch() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_staleness() -> Duration {
+    DEFAULT_MAX_STALENESS
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            max_body_bytes: default_max_body(),
+            shutdown_grace: default_drain(),
+        }
+    }
+}
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: default_store_path(),
+            gc_interval: default_gc_interval(),
+            cache_bytes: default_cache_bytes(),
+        }
+    }
+}
+impl Default for FreshnessConfig {
+    fn default() -> Self {
+        Self {
+            max_staleness: default_max_staleness(),
+            on_stale: OnStale::default(),
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// A config for `brokers` with every other key at its default.
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            topics: default_topics(),
+            properties: BTreeMap::new(),
+            fetch_wait_max: default_fetch_wait(),
+            batch_max: default_batch_max(),
+            watermark_interval: default_watermark_interval(),
+            metadata_interval: default_metadata_interval(),
+        }
+    }
+}
+
+impl IssuerConfig {
+    /// An issuer accepting `audience`, every other key at its default.
+    pub fn new(issuer: impl Into<String>, audience: impl Into<String>) -> Self {
+        Self {
+            issuer: issuer.into(),
+            jwks_uri: None,
+            audiences: vec![audience.into()],
+            algorithms: default_algorithms(),
+            max_token_lifetime: default_max_token_lifetime(),
+            require_typ: false,
+            leeway: default_leeway(),
+            required_claims: Vec::new(),
+            jwks_refresh: default_jwks_refresh(),
+            jwks_min_refetch: default_jwks_min_refetch(),
+        }
+    }
+}
+
+impl Config {
+    /// A config for `brokers` and a store at `path`, every other key at its default.
+    pub fn new(brokers: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        Self {
+            http: HttpConfig::default(),
+            store: StoreConfig {
+                path: path.into(),
+                ..StoreConfig::default()
+            },
+            kafka: KafkaConfig::new(brokers),
+            issuers: Vec::new(),
+            freshness: FreshnessConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+
+    /// Reads `path` and applies overrides from `env` (pairs of name and value).
+    pub fn load<I>(path: &Path, env: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, env)
+    }
+
+    /// Parses TOML `text` and applies overrides from `env`.
+    pub fn parse<I>(text: &str, env: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let mut doc: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        apply_env(&mut doc, env)?;
+        let config: Config = doc
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: relations between keys and value ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, problem: &str| {
+            Err(ConfigError::Invalid {
+                key: key.to_string(),
+                problem: problem.to_string(),
+            })
+        };
+        if self.kafka.brokers.trim().is_empty() {
+            return invalid("kafka.brokers", "must name at least one broker");
+        }
+        if self.kafka.topics.is_empty() {
+            return invalid("kafka.topics", "must name at least one topic");
+        }
+        if self.kafka.batch_max == 0 {
+            return invalid("kafka.batch_max", "must be at least 1");
+        }
+        for (i, t) in self.kafka.topics.iter().enumerate() {
+            if t.name.is_empty() {
+                return invalid(&format!("kafka.topics[{i}].name"), "must not be empty");
+            }
+            if t.format == EventFormat::Keycloak && t.issuer.is_none() {
+                return invalid(
+                    &format!("kafka.topics[{i}].issuer"),
+                    "required for format = \"keycloak\" (its events carry no issuer)",
+                );
+            }
+        }
+        for key in self.kafka.properties.keys() {
+            if MANAGED_KAFKA_PROPERTIES.contains(&key.as_str()) {
+                return invalid(
+                    &format!("kafka.properties.{key}"),
+                    "is managed by revsync (it assigns every partition itself and keeps positions in its store)",
+                );
+            }
+        }
+        for (i, iss) in self.issuers.iter().enumerate() {
+            if iss.issuer.is_empty() {
+                return invalid(&format!("issuers[{i}].issuer"), "must not be empty");
+            }
+            if iss.audiences.is_empty() {
+                return invalid(
+                    &format!("issuers[{i}].audiences"),
+                    "must name at least one audience",
+                );
+            }
+            for alg in &iss.algorithms {
+                if !ASYMMETRIC_ALGORITHMS.contains(&alg.as_str()) {
+                    return invalid(
+                        &format!("issuers[{i}].algorithms"),
+                        &format!(
+                            "{alg:?} is not allowed; use one of {}",
+                            ASYMMETRIC_ALGORITHMS.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The issuer's config, if `iss` is configured.
+    pub fn issuer(&self, iss: &str) -> Option<&IssuerConfig> {
+        self.issuers.iter().find(|i| i.issuer == iss)
+    }
+
+    /// The effective config as TOML, with secret values replaced by `"<redacted>"`.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut copy = self.clone();
+        for (k, v) in copy.kafka.properties.iter_mut() {
+            if SECRET_KEY_MARKERS.iter().any(|m| k.contains(m)) {
+                *v = "<redacted>".into();
+            }
+        }
+        toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// librdkafka keys revsync sets itself; letting users override them would break
+/// invariants 2 and 3 (positions live in sled; every instance reads every partition).
+const MANAGED_KAFKA_PROPERTIES: &[&str] = &[
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "auto.offset.reset",
+    "bootstrap.servers",
+];
+
+/// Signature algorithms a JWKS key may be used with. HMAC is absent on purpose: a
+/// JWKS holds public keys, and HS* with a public key is the classic key-confusion attack.
+pub const ASYMMETRIC_ALGORITHMS: &[&str] = &[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+];
+
+/// Applies `REVSYNC_<SECTION>__<KEY>` (and deeper `__` paths) to the parsed document.
+/// Values are read as TOML when they parse as a TOML value (`true`, `42`, `["a"]`),
+/// otherwise as a plain string.
+fn apply_env<I>(doc: &mut toml::Table, env: I) -> Result<(), ConfigError>
+where
+    I: IntoIterator<Item = (String, String)>,
+{
+    for (var, value) in env {
+        let Some(path) = var.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if path == "CONFIG" || !path.contains("__") {
+            continue;
+        }
+        let keys: Vec<String> = path.split("__").map(|k| k.to_ascii_lowercase()).collect();
+        if keys.iter().any(|k| k.is_empty()) {
+            return Err(ConfigError::Env {
+                var,
+                problem: "empty key in path".into(),
+            });
+        }
+        let parsed = parse_env_value(&value);
+        let mut table = &mut *doc;
+        for key in &keys[..keys.len() - 1] {
+            let entry = table
+                .entry(key.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            table = match entry {
+                toml::Value::Table(t) => t,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var: var.clone(),
+                        problem: format!("{key} is not a section"),
+                    })
+                }
+            };
+        }
+        table.insert(keys[keys.len() - 1].clone(), parsed);
+    }
+    Ok(())
+}
+
+fn parse_env_value(value: &str) -> toml::Value {
+    let probe = format!("v = {value}");
+    match probe.parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| value.into()),
+        Err(_) => toml::Value::String(value.to_string()),
+    }
+}
+
+/// Durations as human strings (`30s`, `5m`, `24h`, `250ms`).
+pub mod duration {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?}: {e} (use e.g. \"30s\", \"5m\", \"24h\")"
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[kafka]
+brokers = "127.0.0.1:9092"
+
+[[issuers]]
+issuer = "https://as.example.com"
+audiences = ["https://api.example.com"]
+"#;
+
+    fn no_env() -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = Config::parse(MINIMAL, no_env()).unwrap();
+        assert_eq!(c.http.listen, DEFAULT_LISTEN);
+        assert_eq!(c.store.path, PathBuf::from(DEFAULT_STORE_PATH));
+        assert_eq!(c.kafka.topics.len(), 1);
+        assert_eq!(c.kafka.topics[0].name, "revocations");
+        assert_eq!(c.kafka.fetch_wait_max, Duration::from_millis(10));
+        assert_eq!(c.issuers[0].max_token_lifetime, Duration::from_secs(86400));
+        assert_eq!(c.issuers[0].leeway, Duration::from_secs(30));
+        assert_eq!(c.freshness.on_stale, OnStale::Deny);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let text = format!("{MINIMAL}\n[store]\npaht = \"/x\"\n");
+        let err = Config::parse(&text, no_env()).unwrap_err().to_string();
+        assert!(err.contains("paht"), "{err}");
+    }
+
+    #[test]
+    fn durations_parse_and_bad_ones_are_named() {
+        let text = format!("{MINIMAL}\n[freshness]\nmax_staleness = \"5m\"\n");
+        let c = Config::parse(&text, no_env()).unwrap();
+        assert_eq!(c.freshness.max_staleness, Duration::from_secs(300));
+        let text = format!("{MINIMAL}\n[freshness]\nmax_staleness = \"soon\"\n");
+        let err = Config::parse(&text, no_env()).unwrap_err().to_string();
+        assert!(
+            err.contains("soon") && err.contains("max_staleness"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn env_overrides_replace_file_values() {
+        let env = vec![
+            (
+                "REVSYNC_KAFKA__BROKERS".to_string(),
+                "b1:9092,b2:9092".to_string(),
+            ),
+            (
+                "REVSYNC_HTTP__MAX_BODY_BYTES".to_string(),
+                "1024".to_string(),
+            ),
+            ("REVSYNC_STORE__PATH".to_string(), "/tmp/x".to_string()),
+            (
+                "REVSYNC_FRESHNESS__ON_STALE".to_string(),
+                "allow".to_string(),
+            ),
+            ("UNRELATED".to_string(), "1".to_string()),
+        ];
+        let c = Config::parse(MINIMAL, env).unwrap();
+        assert_eq!(c.kafka.brokers, "b1:9092,b2:9092");
+        assert_eq!(c.http.max_body_bytes, 1024);
+        assert_eq!(c.store.path, PathBuf::from("/tmp/x"));
+        assert_eq!(c.freshness.on_stale, OnStale::Allow);
+    }
+
+    #[test]
+    fn env_override_of_unknown_key_is_refused() {
+        let env = vec![("REVSYNC_STORE__NOPE".to_string(), "1".to_string())];
+        let err = Config::parse(MINIMAL, env).unwrap_err().to_string();
+        assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn hmac_and_none_algorithms_are_refused() {
+        for alg in ["HS256", "none"] {
+            let text = MINIMAL.replace(
+                "audiences = [",
+                &format!("algorithms = [\"{alg}\"]\naudiences = ["),
+            );
+            let err = Config::parse(&text, no_env()).unwrap_err().to_string();
+            assert!(err.contains("issuers[0].algorithms"), "{err}");
+        }
+    }
+
+    #[test]
+    fn managed_kafka_properties_are_refused() {
+        let text = format!("{MINIMAL}\n[kafka.properties]\n\"group.id\" = \"g\"\n");
+        let err = Config::parse(&text, no_env()).unwrap_err().to_string();
+        assert!(err.contains("group.id"), "{err}");
+    }
+
+    #[test]
+    fn keycloak_topics_need_an_issuer() {
+        let text = MINIMAL.replace(
+            "[kafka]\nbrokers = \"127.0.0.1:9092\"\n",
+            "[kafka]\nbrokers = \"127.0.0.1:9092\"\n[[kafka.topics]]\nname = \"kc\"\nformat = \"keycloak\"\n",
+        );
+        let err = Config::parse(&text, no_env()).unwrap_err().to_string();
+        assert!(err.contains("kafka.topics[0].issuer"), "{err}");
+    }
+
+    #[test]
+    fn redacted_toml_hides_secrets_and_round_trips() {
+        let text = format!(
+            "{MINIMAL}\n[kafka.properties]\n\"sasl.password\" = \"hunter2\"\n\"security.protocol\" = \"SASL_SSL\"\n"
+        );
+        let c = Config::parse(&text, no_env()).unwrap();
+        let out = c.to_redacted_toml();
+        assert!(!out.contains("hunter2"));
+        assert!(out.contains("SASL_SSL"));
+        let back = Config::parse(&out, no_env()).unwrap();
+        assert_eq!(back.kafka.properties["sasl.password"], "<redacted>");
+        assert_eq!(back.issuers, c.issuers);
+    }
+}

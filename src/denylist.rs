@@ -1,0 +1,840 @@
+//! The sled denylist: applies batches of revocations together with the Kafka positions
+//! they were read up to, in one atomic write (invariant 2); answers "is this token
+//! revoked?" (DESIGN.md's model); drops entries that can no longer matter (invariant 4).
+//!
+//! Everything lives in one sled tree so a single `Batch` is atomic across entries,
+//! positions, the expiry index and the counters. Keys start with a kind byte:
+//!
+//! | prefix | key | value |
+//! |---|---|---|
+//! | `T` `S` `E` `C` | kind, issuer (u16 length-prefixed), identifier | primary u64, expiry u64 |
+//! | `I` | kind, issuer | not_before u64, expiry u64 |
+//! | `X` | expiry u64, entry key | empty: the expiry index the GC walks |
+//! | `P` | topic (length-prefixed), partition i32 | next offset i64 |
+//! | `N` | kind | live-entry count u64 |
+//!
+//! `primary` is `not_before` for subject/client/issuer, the latest `event_time` for a
+//! session, and the token's `exp` (0 when unknown) for a token. Every merge is a `max`, so
+//! apply is idempotent and commutative (invariant 1). Writers (apply, GC) are serialized by
+//! a mutex because merges read before they write; readers never wait.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::event::{Event, Revocation};
+
+const TOKEN: u8 = b'T';
+const SUBJECT: u8 = b'S';
+const SESSION: u8 = b'E';
+const CLIENT: u8 = b'C';
+const ISSUER: u8 = b'I';
+const EXPIRY: u8 = b'X';
+const POSITION: u8 = b'P';
+const COUNT: u8 = b'N';
+
+const KINDS: [(u8, &str); 5] = [
+    (TOKEN, "token"),
+    (SUBJECT, "subject"),
+    (SESSION, "session"),
+    (CLIENT, "client"),
+    (ISSUER, "issuer"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("store: corrupt entry under key prefix {0:?}")]
+    Corrupt(char),
+}
+
+/// How long entries of an issuer matter: its longest token lifetime and clock leeway.
+#[derive(Debug, Clone)]
+pub struct Retention {
+    per_issuer: HashMap<String, (u64, u64)>,
+    default: (u64, u64),
+}
+
+impl Retention {
+    /// `default` applies to issuers revsync is not configured for.
+    pub fn new(default_lifetime: Duration, default_leeway: Duration) -> Self {
+        Self {
+            per_issuer: HashMap::new(),
+            default: (default_lifetime.as_secs(), default_leeway.as_secs()),
+        }
+    }
+
+    pub fn with_issuer(mut self, iss: &str, lifetime: Duration, leeway: Duration) -> Self {
+        self.per_issuer
+            .insert(iss.to_string(), (lifetime.as_secs(), leeway.as_secs()));
+        self
+    }
+
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        let mut r = Self::new(
+            crate::config::DEFAULT_MAX_TOKEN_LIFETIME,
+            crate::config::DEFAULT_LEEWAY,
+        );
+        for i in &config.issuers {
+            r = r.with_issuer(&i.issuer, i.max_token_lifetime, i.leeway);
+        }
+        r
+    }
+
+    fn of(&self, iss: &str) -> (u64, u64) {
+        self.per_issuer.get(iss).copied().unwrap_or(self.default)
+    }
+
+    /// (kind byte, identifier, primary value, expiry) of a revocation.
+    fn entry<'a>(&self, event: &'a Event) -> (u8, &'a str, &'a str, u64, u64) {
+        let r = &event.revocation;
+        let (lifetime, leeway) = self.of(r.iss());
+        match r {
+            Revocation::Token { iss, jti, exp } => {
+                // Without `exp`, any token with this jti was issued before the event and
+                // so expires within one lifetime of it.
+                let expiry = match exp {
+                    Some(exp) => exp.saturating_add(leeway),
+                    None => event.event_time.saturating_add(lifetime + leeway),
+                };
+                (TOKEN, iss, jti, exp.unwrap_or(0), expiry)
+            }
+            Revocation::Subject {
+                iss,
+                sub,
+                not_before,
+            } => (
+                SUBJECT,
+                iss,
+                sub,
+                *not_before,
+                not_before.saturating_add(lifetime + leeway),
+            ),
+            Revocation::Session { iss, sid } => (
+                SESSION,
+                iss,
+                sid,
+                event.event_time,
+                event.event_time.saturating_add(lifetime + leeway),
+            ),
+            Revocation::Client {
+                iss,
+                client_id,
+                not_before,
+            } => (
+                CLIENT,
+                iss,
+                client_id,
+                *not_before,
+                not_before.saturating_add(lifetime + leeway),
+            ),
+            Revocation::Issuer { iss, not_before } => (
+                ISSUER,
+                iss,
+                "",
+                *not_before,
+                not_before.saturating_add(lifetime + leeway),
+            ),
+        }
+    }
+}
+
+/// The identity claims of a verified token that the revocation model looks at.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokenRef<'a> {
+    pub iss: &'a str,
+    pub jti: Option<&'a str>,
+    pub sub: Option<&'a str>,
+    pub sid: Option<&'a str>,
+    pub client_id: Option<&'a str>,
+    /// `None` counts as issued at the beginning of time: a token without `iat` cannot
+    /// prove it was issued after a `not_before`, so such revocations cover it.
+    pub iat: Option<u64>,
+}
+
+/// A (topic, partition) and the next offset to read from it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Position {
+    pub topic: String,
+    pub partition: i32,
+    pub next_offset: i64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Sizes {
+    pub token: u64,
+    pub subject: u64,
+    pub session: u64,
+    pub client: u64,
+    pub issuer: u64,
+}
+
+impl Sizes {
+    pub fn total(&self) -> u64 {
+        self.token + self.subject + self.session + self.client + self.issuer
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    /// Entries created or extended.
+    pub changed: usize,
+    /// Revocations that were already covered by the store (duplicates, replays).
+    pub unchanged: usize,
+    /// Revocations that can no longer affect any valid token, so were not stored.
+    pub already_expired: usize,
+}
+
+pub struct Denylist {
+    db: sled::Db,
+    tree: sled::Tree,
+    retention: Retention,
+    write: Mutex<()>,
+    counts: [AtomicU64; 5],
+}
+
+impl Denylist {
+    /// Opens (or creates) the store at `path` with a page cache of `cache_bytes`.
+    pub fn open(path: &Path, cache_bytes: u64, retention: Retention) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        Self::from_db(db, retention)
+    }
+
+    /// A store that lives in memory only (tests, benchmarks).
+    pub fn temporary(retention: Retention) -> Result<Self, StoreError> {
+        let db = sled::Config::new().temporary(true).open()?;
+        Self::from_db(db, retention)
+    }
+
+    fn from_db(db: sled::Db, retention: Retention) -> Result<Self, StoreError> {
+        let tree = db.open_tree("denylist")?;
+        let counts: [AtomicU64; 5] = Default::default();
+        for (i, (kind, _)) in KINDS.iter().enumerate() {
+            if let Some(v) = tree.get([COUNT, *kind])? {
+                counts[i].store(
+                    read_u64(&v, 0).ok_or(StoreError::Corrupt('N'))?,
+                    Ordering::Relaxed,
+                );
+            }
+        }
+        Ok(Self {
+            db,
+            tree,
+            retention,
+            write: Mutex::new(()),
+            counts,
+        })
+    }
+
+    /// Applies `events` and records `positions` in one atomic write. Events whose effect
+    /// has already lapsed at `now` are not stored.
+    pub fn apply(
+        &self,
+        events: &[Event],
+        positions: &[Position],
+        now: u64,
+    ) -> Result<ApplyOutcome, StoreError> {
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let mut outcome = ApplyOutcome::default();
+        // Later events in the same batch must merge with earlier ones, not with the
+        // stored value, so pending writes are tracked here.
+        let mut pending: HashMap<Vec<u8>, [u64; 2]> = HashMap::new();
+        let mut batch = sled::Batch::default();
+        let mut count_delta = [0i64; 5];
+        for event in events {
+            let (kind, iss, id, primary, expiry) = self.retention.entry(event);
+            if expiry <= now {
+                outcome.already_expired += 1;
+                continue;
+            }
+            let key = entry_key(kind, iss, id);
+            let old = match pending.get(&key) {
+                Some(v) => Some(*v),
+                None => self.tree.get(&key)?.map(|v| decode_entry(&v)).transpose()?,
+            };
+            let new = match old {
+                Some([p, x]) => [p.max(primary), x.max(expiry)],
+                None => [primary, expiry],
+            };
+            if old == Some(new) {
+                outcome.unchanged += 1;
+                continue;
+            }
+            match old {
+                Some([_, old_expiry]) if old_expiry != new[1] => {
+                    batch.remove(expiry_key(old_expiry, &key));
+                }
+                None => count_delta[kind_index(kind)] += 1,
+                _ => {}
+            }
+            batch.insert(expiry_key(new[1], &key), &[][..]);
+            batch.insert(key.clone(), &encode_entry(new)[..]);
+            pending.insert(key, new);
+            outcome.changed += 1;
+        }
+        for p in positions {
+            batch.insert(
+                position_key(&p.topic, p.partition),
+                &p.next_offset.to_be_bytes()[..],
+            );
+        }
+        self.stage_counts(&mut batch, &count_delta);
+        self.tree.apply_batch(batch)?;
+        self.commit_counts(&count_delta);
+        Ok(outcome)
+    }
+
+    /// Drops entries whose expiry is at or before `now`, at most `limit` per call.
+    /// Returns how many were dropped, by kind.
+    pub fn gc(&self, now: u64, limit: usize) -> Result<BTreeMap<&'static str, u64>, StoreError> {
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let mut batch = sled::Batch::default();
+        let mut count_delta = [0i64; 5];
+        let end = {
+            let mut k = vec![EXPIRY];
+            k.extend_from_slice(&now.saturating_add(1).to_be_bytes());
+            k
+        };
+        for item in self.tree.range(vec![EXPIRY]..end).take(limit) {
+            let (xkey, _) = item?;
+            let entry = &xkey[9..];
+            batch.remove(xkey.clone());
+            let Some(&kind) = entry.first() else { continue };
+            // The index entry is current only if the entry's expiry still matches it;
+            // apply removes superseded index keys, so this is a consistency guard.
+            let expiry = read_u64(&xkey, 1).ok_or(StoreError::Corrupt('X'))?;
+            if let Some(v) = self.tree.get(entry)? {
+                if decode_entry(&v)?[1] == expiry {
+                    batch.remove(entry);
+                    count_delta[kind_index(kind)] -= 1;
+                }
+            }
+        }
+        self.stage_counts(&mut batch, &count_delta);
+        self.tree.apply_batch(batch)?;
+        self.commit_counts(&count_delta);
+        Ok(KINDS
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| count_delta[*i] != 0)
+            .map(|(i, (_, name))| (*name, count_delta[i].unsigned_abs()))
+            .collect())
+    }
+
+    fn stage_counts(&self, batch: &mut sled::Batch, delta: &[i64; 5]) {
+        for (i, (kind, _)) in KINDS.iter().enumerate() {
+            if delta[i] != 0 {
+                let v = (self.counts[i].load(Ordering::Relaxed) as i64 + delta[i]).max(0) as u64;
+                batch.insert(&[COUNT, *kind][..], &v.to_be_bytes()[..]);
+            }
+        }
+    }
+
+    fn commit_counts(&self, delta: &[i64; 5]) {
+        for (i, d) in delta.iter().enumerate() {
+            if *d != 0 {
+                let v = (self.counts[i].load(Ordering::Relaxed) as i64 + d).max(0) as u64;
+                self.counts[i].store(v, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The first rule of the model that revokes `token`, or `None` if it is not revoked.
+    /// Returns the kind word (`token`, `session`, `subject`, `client`, `issuer`).
+    pub fn revoked_by(&self, token: &TokenRef<'_>) -> Result<Option<&'static str>, StoreError> {
+        let iat = token.iat.unwrap_or(0);
+        let mut key = Vec::with_capacity(64);
+        if let Some(jti) = token.jti {
+            fill_entry_key(&mut key, TOKEN, token.iss, jti);
+            if self.tree.contains_key(&key)? {
+                return Ok(Some("token"));
+            }
+        }
+        if let Some(sid) = token.sid {
+            fill_entry_key(&mut key, SESSION, token.iss, sid);
+            if self.tree.contains_key(&key)? {
+                return Ok(Some("session"));
+            }
+        }
+        let checks = [
+            (SUBJECT, token.sub, "subject"),
+            (CLIENT, token.client_id, "client"),
+            (ISSUER, Some(""), "issuer"),
+        ];
+        for (kind, id, word) in checks {
+            let Some(id) = id else { continue };
+            fill_entry_key(&mut key, kind, token.iss, id);
+            if let Some(v) = self.tree.get(&key)? {
+                if decode_entry(&v)?[0] > iat {
+                    return Ok(Some(word));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Stored positions: the next offset of each (topic, partition).
+    pub fn positions(&self) -> Result<Vec<Position>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix([POSITION]) {
+            let (k, v) = item?;
+            let (topic, rest) = split_prefixed(&k[1..]).ok_or(StoreError::Corrupt('P'))?;
+            let partition =
+                i32::from_be_bytes(rest.try_into().map_err(|_| StoreError::Corrupt('P'))?);
+            let next_offset =
+                i64::from_be_bytes((&v[..]).try_into().map_err(|_| StoreError::Corrupt('P'))?);
+            out.push(Position {
+                topic: String::from_utf8_lossy(topic).into_owned(),
+                partition,
+                next_offset,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Live entries by kind.
+    pub fn sizes(&self) -> Sizes {
+        let c = |i: usize| self.counts[i].load(Ordering::Relaxed);
+        Sizes {
+            token: c(0),
+            subject: c(1),
+            session: c(2),
+            client: c(3),
+            issuer: c(4),
+        }
+    }
+
+    /// Forces everything written so far to disk. sled also flushes on its own every
+    /// 500 ms; a crash before that loses the newest batches *and* their positions
+    /// together, so they are read again (invariant 2).
+    pub fn flush(&self) -> Result<usize, StoreError> {
+        Ok(self.db.flush()?)
+    }
+
+    /// Bytes the store takes on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    /// Every entry as (kind, issuer, identifier, primary, expiry), in key order: for
+    /// `revsync denylist dump` and for tests comparing whole stores.
+    pub fn entries(&self) -> Result<Vec<(&'static str, String, String, u64, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for (kind, word) in KINDS {
+            for item in self.tree.scan_prefix([kind]) {
+                let (k, v) = item?;
+                let (iss, id) = split_prefixed(&k[1..]).ok_or(StoreError::Corrupt(kind as char))?;
+                let [p, x] = decode_entry(&v)?;
+                out.push((
+                    word,
+                    String::from_utf8_lossy(iss).into_owned(),
+                    String::from_utf8_lossy(id).into_owned(),
+                    p,
+                    x,
+                ));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn kind_index(kind: u8) -> usize {
+    KINDS
+        .iter()
+        .position(|(k, _)| *k == kind)
+        .expect("known kind")
+}
+
+fn fill_entry_key(key: &mut Vec<u8>, kind: u8, iss: &str, id: &str) {
+    key.clear();
+    key.push(kind);
+    push_prefixed(key, iss.as_bytes());
+    key.extend_from_slice(id.as_bytes());
+}
+
+fn entry_key(kind: u8, iss: &str, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(3 + iss.len() + id.len());
+    fill_entry_key(&mut k, kind, iss, id);
+    k
+}
+
+fn expiry_key(expiry: u64, entry: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + entry.len());
+    k.push(EXPIRY);
+    k.extend_from_slice(&expiry.to_be_bytes());
+    k.extend_from_slice(entry);
+    k
+}
+
+fn position_key(topic: &str, partition: i32) -> Vec<u8> {
+    let mut k = vec![POSITION];
+    push_prefixed(&mut k, topic.as_bytes());
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+/// Issuers and topics are length-prefixed so no byte in them can be confused with a
+/// separator. Longer ones are truncated to 65535 bytes, which no real issuer reaches.
+fn push_prefixed(k: &mut Vec<u8>, s: &[u8]) {
+    let s = &s[..s.len().min(u16::MAX as usize)];
+    k.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    k.extend_from_slice(s);
+}
+
+fn split_prefixed(k: &[u8]) -> Option<(&[u8], &[u8])> {
+    let len = u16::from_be_bytes(k.get(..2)?.try_into().ok()?) as usize;
+    let s = k.get(2..2 + len)?;
+    Some((s, &k[2 + len..]))
+}
+
+fn read_u64(v: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_be_bytes(v.get(at..at + 8)?.try_into().ok()?))
+}
+
+fn encode_entry(v: [u64; 2]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&v[0].to_be_bytes());
+    out[8..].copy_from_slice(&v[1].to_be_bytes());
+    out
+}
+
+fn decode_entry(v: &[u8]) -> Result<[u64; 2], StoreError> {
+    match (read_u64(v, 0), read_u64(v, 8)) {
+        (Some(a), Some(b)) => Ok([a, b]),
+        _ => Err(StoreError::Corrupt('?')),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const HOUR: u64 = 3600;
+
+    fn store() -> Denylist {
+        Denylist::temporary(Retention::new(
+            Duration::from_secs(HOUR),
+            Duration::from_secs(0),
+        ))
+        .unwrap()
+    }
+
+    fn ev(t: u64, r: Revocation) -> Event {
+        Event {
+            id: format!("{t}"),
+            event_time: t,
+            revocation: r,
+            reason: None,
+        }
+    }
+
+    fn tok<'a>(iat: u64) -> TokenRef<'a> {
+        TokenRef {
+            iss: "I",
+            jti: Some("J"),
+            sub: Some("S"),
+            sid: Some("X"),
+            client_id: Some("C"),
+            iat: Some(iat),
+        }
+    }
+
+    #[test]
+    fn each_rule_of_the_model_matches_only_its_tokens() {
+        let cases: Vec<(Revocation, &str)> = vec![
+            (
+                Revocation::Token {
+                    iss: "I".into(),
+                    jti: "J".into(),
+                    exp: Some(5000),
+                },
+                "token",
+            ),
+            (
+                Revocation::Session {
+                    iss: "I".into(),
+                    sid: "X".into(),
+                },
+                "session",
+            ),
+            (
+                Revocation::Subject {
+                    iss: "I".into(),
+                    sub: "S".into(),
+                    not_before: 1000,
+                },
+                "subject",
+            ),
+            (
+                Revocation::Client {
+                    iss: "I".into(),
+                    client_id: "C".into(),
+                    not_before: 1000,
+                },
+                "client",
+            ),
+            (
+                Revocation::Issuer {
+                    iss: "I".into(),
+                    not_before: 1000,
+                },
+                "issuer",
+            ),
+        ];
+        for (r, word) in cases {
+            let d = store();
+            d.apply(&[ev(1000, r.clone())], &[], 1000).unwrap();
+            assert_eq!(d.revoked_by(&tok(999)).unwrap(), Some(word), "{r:?}");
+            let other_iss = TokenRef {
+                iss: "I2",
+                ..tok(999)
+            };
+            assert_eq!(
+                d.revoked_by(&other_iss).unwrap(),
+                None,
+                "{r:?} other issuer"
+            );
+            let unrelated = TokenRef {
+                jti: Some("J2"),
+                sub: Some("S2"),
+                sid: Some("X2"),
+                client_id: Some("C2"),
+                ..tok(999)
+            };
+            let expect_unrelated = if word == "issuer" {
+                Some("issuer")
+            } else {
+                None
+            };
+            assert_eq!(
+                d.revoked_by(&unrelated).unwrap(),
+                expect_unrelated,
+                "{r:?} unrelated"
+            );
+            // not_before rules spare tokens issued at or after not_before.
+            let later = d.revoked_by(&tok(1000)).unwrap();
+            match word {
+                "token" | "session" => assert_eq!(later, Some(word)),
+                _ => assert_eq!(later, None, "{r:?} later token"),
+            }
+            // A token without iat cannot prove it is newer.
+            let no_iat = TokenRef {
+                iat: None,
+                ..tok(0)
+            };
+            assert_eq!(d.revoked_by(&no_iat).unwrap(), Some(word));
+        }
+    }
+
+    #[test]
+    fn not_before_only_moves_forward() {
+        let d = store();
+        let sub = |nb| {
+            ev(
+                nb,
+                Revocation::Subject {
+                    iss: "I".into(),
+                    sub: "S".into(),
+                    not_before: nb,
+                },
+            )
+        };
+        d.apply(&[sub(2000)], &[], 0).unwrap();
+        let out = d.apply(&[sub(1500)], &[], 0).unwrap();
+        assert_eq!(out.unchanged, 1);
+        assert_eq!(d.revoked_by(&tok(1999)).unwrap(), Some("subject"));
+        assert_eq!(d.sizes().subject, 1);
+    }
+
+    #[test]
+    fn positions_are_written_with_their_batch() {
+        let d = store();
+        let p = |o| Position {
+            topic: "t".into(),
+            partition: 3,
+            next_offset: o,
+        };
+        d.apply(&[], &[p(10)], 0).unwrap();
+        d.apply(&[], &[p(42)], 0).unwrap();
+        assert_eq!(d.positions().unwrap(), vec![p(42)]);
+    }
+
+    #[test]
+    fn gc_drops_exactly_the_entries_that_no_longer_matter() {
+        let d = store();
+        d.apply(
+            &[
+                ev(
+                    100,
+                    Revocation::Token {
+                        iss: "I".into(),
+                        jti: "a".into(),
+                        exp: Some(500),
+                    },
+                ),
+                ev(
+                    100,
+                    Revocation::Token {
+                        iss: "I".into(),
+                        jti: "b".into(),
+                        exp: None,
+                    },
+                ),
+                ev(
+                    100,
+                    Revocation::Subject {
+                        iss: "I".into(),
+                        sub: "s".into(),
+                        not_before: 200,
+                    },
+                ),
+            ],
+            &[],
+            100,
+        )
+        .unwrap();
+        assert_eq!(d.sizes().total(), 3);
+        assert!(d.gc(499, 1000).unwrap().is_empty());
+        assert_eq!(d.gc(500, 1000).unwrap().get("token"), Some(&1));
+        assert_eq!(d.sizes().token, 1);
+        // b: event_time + lifetime; s: not_before + lifetime.
+        d.gc(100 + HOUR, 1000).unwrap();
+        assert_eq!(d.sizes().token, 0);
+        assert_eq!(d.sizes().subject, 1);
+        d.gc(200 + HOUR, 1000).unwrap();
+        assert_eq!(d.sizes().total(), 0);
+        assert!(d.entries().unwrap().is_empty());
+        assert_eq!(d.tree.scan_prefix([EXPIRY]).count(), 0);
+    }
+
+    #[test]
+    fn extending_an_entry_moves_its_expiry_index() {
+        let d = store();
+        let sub = |nb| {
+            ev(
+                nb,
+                Revocation::Subject {
+                    iss: "I".into(),
+                    sub: "S".into(),
+                    not_before: nb,
+                },
+            )
+        };
+        d.apply(&[sub(100), sub(300)], &[], 0).unwrap();
+        d.apply(&[sub(200)], &[], 0).unwrap();
+        assert_eq!(d.tree.scan_prefix([EXPIRY]).count(), 1);
+        d.gc(100 + HOUR, 10).unwrap();
+        assert_eq!(d.sizes().subject, 1, "still covered by not_before 300");
+        d.gc(300 + HOUR, 10).unwrap();
+        assert_eq!(d.sizes().subject, 0);
+    }
+
+    #[test]
+    fn lapsed_revocations_are_not_stored() {
+        let d = store();
+        let out = d
+            .apply(
+                &[ev(
+                    10,
+                    Revocation::Token {
+                        iss: "I".into(),
+                        jti: "J".into(),
+                        exp: Some(20),
+                    },
+                )],
+                &[],
+                100,
+            )
+            .unwrap();
+        assert_eq!(out.already_expired, 1);
+        assert_eq!(d.sizes().total(), 0);
+    }
+
+    #[test]
+    fn counts_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Retention::new(Duration::from_secs(HOUR), Duration::ZERO);
+        {
+            let d = Denylist::open(dir.path(), 1 << 20, r.clone()).unwrap();
+            d.apply(
+                &[ev(
+                    1,
+                    Revocation::Session {
+                        iss: "I".into(),
+                        sid: "x".into(),
+                    },
+                )],
+                &[],
+                1,
+            )
+            .unwrap();
+            d.flush().unwrap();
+        }
+        let d = Denylist::open(dir.path(), 1 << 20, r).unwrap();
+        assert_eq!(d.sizes().session, 1);
+    }
+
+    fn arb_event() -> impl Strategy<Value = Event> {
+        let s = "[a-c]{1,2}";
+        let r = prop_oneof![
+            (s, s, proptest::option::of(0u64..3000))
+                .prop_map(|(iss, jti, exp)| Revocation::Token { iss, jti, exp }),
+            (s, s, 0u64..3000).prop_map(|(iss, sub, not_before)| Revocation::Subject {
+                iss,
+                sub,
+                not_before
+            }),
+            (s, s).prop_map(|(iss, sid)| Revocation::Session { iss, sid }),
+            (s, s, 0u64..3000).prop_map(|(iss, client_id, not_before)| Revocation::Client {
+                iss,
+                client_id,
+                not_before
+            }),
+            (s, 0u64..3000).prop_map(|(iss, not_before)| Revocation::Issuer { iss, not_before }),
+        ];
+        (r, 0u64..3000).prop_map(|(revocation, t)| Event {
+            id: "e".into(),
+            event_time: t,
+            revocation,
+            reason: None,
+        })
+    }
+
+    proptest! {
+        /// Invariant 1: any order, any duplicates, any batching → the same denylist.
+        #[test]
+        fn apply_is_idempotent_and_commutative(
+            events in proptest::collection::vec(arb_event(), 0..40),
+            seed in any::<u64>(),
+            split in 1usize..8,
+        ) {
+            let now = 1000;
+            let a = store();
+            a.apply(&events, &[], now).unwrap();
+
+            let mut shuffled: Vec<Event> = events.iter().chain(events.iter()).cloned().collect();
+            let mut x = seed | 1;
+            for i in (1..shuffled.len()).rev() {
+                x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+                shuffled.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+            let b = store();
+            for chunk in shuffled.chunks(split) {
+                b.apply(chunk, &[], now).unwrap();
+            }
+            prop_assert_eq!(a.entries().unwrap(), b.entries().unwrap());
+            prop_assert_eq!(a.sizes(), b.sizes());
+            prop_assert_eq!(a.tree.scan_prefix([EXPIRY]).count(), b.tree.scan_prefix([EXPIRY]).count());
+        }
+    }
+}

@@ -1,0 +1,658 @@
+//! The Kafka consumer: every partition of every configured topic, assigned by revsync
+//! itself (invariant 3: no consumer group splits them between instances), read from the
+//! positions kept in sled, decoded, and applied with those positions in one atomic write
+//! (invariant 2). Kafka offsets are never committed: the store is the only truth.
+//!
+//! Two plain threads keep librdkafka's blocking calls off the async runtime:
+//! - the *reader* polls messages, decodes them and applies batches;
+//! - the *watcher* re-reads topic metadata (partitions added later are handed to the
+//!   reader) and fetches high watermarks to measure lag and confirm catch-up.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{EventFormat, KafkaConfig, TopicConfig};
+use crate::denylist::{Denylist, Position};
+use crate::event::{self, DecodeError, Event};
+use crate::metrics::{Metrics, PartitionLabels, TopicLabels};
+use crate::{unix_now, unix_now_ms};
+
+/// The group id librdkafka needs before it lets a consumer `assign`. revsync never joins
+/// the group nor commits to it; positions live in the store.
+const ASSIGN_ONLY_GROUP: &str = "revsync-assign-only";
+const POLL_TIMEOUT: Duration = Duration::from_millis(100);
+const BROKER_TIMEOUT: Duration = Duration::from_secs(5);
+const STORE_RETRY: Duration = Duration::from_millis(500);
+
+/// What the reader and watcher know, shared with the HTTP side (status, readiness,
+/// freshness).
+#[derive(Default)]
+pub struct IngestState {
+    partitions: RwLock<BTreeMap<(String, i32), PartitionState>>,
+    /// Unix ms at which a watermark round began that found every partition read up to
+    /// its high watermark; 0 = never. Everything published before then is applied.
+    caught_up_at_ms: AtomicU64,
+    /// Set when the store refuses writes: the denylist cannot be trusted to be complete.
+    store_failing: AtomicBool,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PartitionState {
+    /// Next offset to read, as applied to the store.
+    pub position: Option<i64>,
+    pub low_watermark: Option<i64>,
+    pub high_watermark: Option<i64>,
+    pub lag: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionStatus {
+    pub topic: String,
+    pub partition: i32,
+    #[serde(flatten)]
+    pub state: PartitionState,
+}
+
+impl IngestState {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Unix ms of the last confirmed catch-up, if any.
+    pub fn caught_up_at_ms(&self) -> Option<u64> {
+        match self.caught_up_at_ms.load(Ordering::Acquire) {
+            0 => None,
+            t => Some(t),
+        }
+    }
+
+    /// Records that everything published before `at_ms` is applied.
+    pub fn record_caught_up(&self, at_ms: u64) {
+        let before = self.caught_up_at_ms.fetch_max(at_ms, Ordering::AcqRel);
+        if before == 0 {
+            info!("caught up with every partition");
+        }
+    }
+
+    pub fn store_failing(&self) -> bool {
+        self.store_failing.load(Ordering::Acquire)
+    }
+
+    pub fn partitions(&self) -> Vec<PartitionStatus> {
+        self.partitions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|((topic, partition), state)| PartitionStatus {
+                topic: topic.clone(),
+                partition: *partition,
+                state: state.clone(),
+            })
+            .collect()
+    }
+
+    fn set_position(&self, topic: &str, partition: i32, next: i64) {
+        let mut map = self.partitions.write().unwrap_or_else(|p| p.into_inner());
+        let entry = map.entry((topic.to_string(), partition)).or_default();
+        entry.position = Some(next);
+        entry.lag = lag_of(entry);
+    }
+}
+
+/// Lag of a partition: what is between the readable start and the high watermark that
+/// has not been applied. Never negative: Tansu's in-memory engine reports a high
+/// watermark behind the true log end after multi-record batches.
+fn lag_of(p: &PartitionState) -> Option<i64> {
+    let hw = p.high_watermark?;
+    let from = p.position.unwrap_or(0).max(p.low_watermark.unwrap_or(0));
+    Some((hw - from).max(0))
+}
+
+/// The running consumer threads; `join` after cancelling the shutdown token.
+pub struct IngestHandle {
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl IngestHandle {
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// librdkafka settings for a client of `kafka`.
+pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &kafka.brokers);
+    for (k, v) in &kafka.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut c = client_config(kafka);
+    c.set("group.id", ASSIGN_ONLY_GROUP)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        // A stored position outside the log (truncated under it, or a broker that lost
+        // its log) restarts at the earliest offset; the reader notices and warns.
+        .set("auto.offset.reset", "earliest")
+        .set(
+            "fetch.wait.max.ms",
+            kafka.fetch_wait_max.as_millis().max(1).to_string(),
+        );
+    c
+}
+
+/// Starts the reader and watcher threads.
+pub fn spawn(
+    kafka: &KafkaConfig,
+    denylist: Arc<Denylist>,
+    metrics: Arc<Metrics>,
+    state: Arc<IngestState>,
+    shutdown: CancellationToken,
+) -> Result<IngestHandle, KafkaError> {
+    let reader_consumer: BaseConsumer = consumer_config(kafka).create()?;
+    let watcher_consumer: BaseConsumer = consumer_config(kafka).create()?;
+    let stored: HashMap<(String, i32), i64> = match denylist.positions() {
+        Ok(ps) => ps
+            .into_iter()
+            .map(|p| ((p.topic, p.partition), p.next_offset))
+            .collect(),
+        Err(e) => {
+            error!(error = %e, "cannot read stored positions");
+            HashMap::new()
+        }
+    };
+    for ((topic, partition), next) in &stored {
+        state.set_position(topic, *partition, *next);
+    }
+    let (assign_tx, assign_rx) = mpsc::channel();
+    let topics: HashMap<String, TopicConfig> = kafka
+        .topics
+        .iter()
+        .map(|t| (t.name.clone(), t.clone()))
+        .collect();
+    let reader = Reader {
+        consumer: reader_consumer,
+        topics: topics.clone(),
+        denylist,
+        metrics: metrics.clone(),
+        state: state.clone(),
+        shutdown: shutdown.clone(),
+        assign_rx,
+        stored,
+        batch_max: kafka.batch_max,
+        expected: HashMap::new(),
+    };
+    let watcher = Watcher {
+        consumer: watcher_consumer,
+        topics: kafka.topics.iter().map(|t| t.name.clone()).collect(),
+        metrics,
+        state,
+        shutdown,
+        assign_tx,
+        known: HashMap::new(),
+        watermark_interval: kafka.watermark_interval,
+        metadata_interval: kafka.metadata_interval,
+    };
+    let threads = vec![
+        std::thread::Builder::new()
+            .name("revsync-reader".into())
+            .spawn(move || reader.run())
+            .expect("spawn reader thread"),
+        std::thread::Builder::new()
+            .name("revsync-watcher".into())
+            .spawn(move || watcher.run())
+            .expect("spawn watcher thread"),
+    ];
+    Ok(IngestHandle { threads })
+}
+
+struct Reader {
+    consumer: BaseConsumer,
+    topics: HashMap<String, TopicConfig>,
+    denylist: Arc<Denylist>,
+    metrics: Arc<Metrics>,
+    state: Arc<IngestState>,
+    shutdown: CancellationToken,
+    assign_rx: mpsc::Receiver<Vec<(String, i32)>>,
+    stored: HashMap<(String, i32), i64>,
+    batch_max: usize,
+    /// Next offset each assigned partition should deliver; a different offset means the
+    /// log moved under us (see `check_continuity`).
+    expected: HashMap<(String, i32), i64>,
+}
+
+/// One decoded record waiting for the batch write.
+struct Pending {
+    event: Event,
+    topic_idx: usize,
+    timestamp_ms: Option<i64>,
+}
+
+impl Reader {
+    fn run(mut self) {
+        let mut topic_labels: Vec<TopicLabels> = Vec::new();
+        while !self.shutdown.is_cancelled() {
+            while let Ok(new) = self.assign_rx.try_recv() {
+                self.assign(new);
+            }
+            if self.expected.is_empty() {
+                std::thread::sleep(POLL_TIMEOUT);
+                continue;
+            }
+            let mut events: Vec<Pending> = Vec::new();
+            let mut positions: HashMap<(String, i32), i64> = HashMap::new();
+            let mut polled = 0usize;
+            let mut timeout = POLL_TIMEOUT;
+            while polled < self.batch_max {
+                let Some(result) = self.consumer.poll(timeout) else {
+                    break;
+                };
+                // Drain what librdkafka already holds without waiting again.
+                timeout = Duration::ZERO;
+                let msg = match result {
+                    Ok(m) => m,
+                    Err(e) => {
+                        warn!(error = %e, "consumer error; librdkafka retries on its own");
+                        continue;
+                    }
+                };
+                polled += 1;
+                let topic = msg.topic();
+                let partition = msg.partition();
+                let offset = msg.offset();
+                check_continuity(
+                    &self.consumer,
+                    &mut self.expected,
+                    &self.metrics,
+                    topic,
+                    partition,
+                    offset,
+                );
+                positions.insert((topic.to_string(), partition), offset + 1);
+                let Some(cfg) = self.topics.get(topic) else {
+                    continue;
+                };
+                let format = cfg.format;
+                let topic_idx = label_index(&mut topic_labels, topic, format);
+                match decode(format, msg.payload().unwrap_or_default()) {
+                    Ok(event) => events.push(Pending {
+                        event,
+                        topic_idx,
+                        timestamp_ms: msg.timestamp().to_millis(),
+                    }),
+                    Err(e) => {
+                        // The payload may carry anything, secrets included: never logged.
+                        warn!(topic, partition, offset, reason = e.reason(), error = %e, "skipping malformed record");
+                        self.metrics.malformed(topic, format.as_str(), e.reason());
+                    }
+                }
+            }
+            if positions.is_empty() {
+                continue;
+            }
+            self.write(&events, positions, &topic_labels);
+        }
+        debug!("reader stopping");
+        if let Err(e) = self.denylist.flush() {
+            error!(error = %e, "final store flush failed");
+        }
+    }
+
+    /// Applies a batch, retrying until it lands or shutdown: a position never moves
+    /// without its data, and data never goes missing because the disk hiccuped.
+    fn write(
+        &self,
+        pending: &[Pending],
+        positions: HashMap<(String, i32), i64>,
+        labels: &[TopicLabels],
+    ) {
+        let events: Vec<Event> = pending.iter().map(|p| p.event.clone()).collect();
+        let positions: Vec<Position> = positions
+            .into_iter()
+            .map(|((topic, partition), next_offset)| Position {
+                topic,
+                partition,
+                next_offset,
+            })
+            .collect();
+        loop {
+            match self.denylist.apply(&events, &positions, unix_now()) {
+                Ok(outcome) => {
+                    self.state.store_failing.store(false, Ordering::Release);
+                    debug!(
+                        events = events.len(),
+                        changed = outcome.changed,
+                        "applied batch"
+                    );
+                    break;
+                }
+                Err(e) => {
+                    self.state.store_failing.store(true, Ordering::Release);
+                    self.metrics.store_errors.inc();
+                    error!(error = %e, "cannot write batch to the store; retrying");
+                    if self.shutdown.is_cancelled() {
+                        return;
+                    }
+                    std::thread::sleep(STORE_RETRY);
+                }
+            }
+        }
+        self.metrics.batches_applied.inc();
+        let now_ms = unix_now_ms() as i64;
+        for p in pending {
+            self.metrics
+                .events_applied
+                .get_or_create(&labels[p.topic_idx])
+                .inc();
+            let sent_ms = p.timestamp_ms.unwrap_or(p.event.event_time as i64 * 1000);
+            self.metrics
+                .propagation_delay
+                .observe((now_ms - sent_ms).max(0) as f64 / 1000.0);
+        }
+        for p in &positions {
+            self.state
+                .set_position(&p.topic, p.partition, p.next_offset);
+            self.metrics
+                .position
+                .get_or_create(&PartitionLabels {
+                    topic: p.topic.clone(),
+                    partition: p.partition,
+                })
+                .set(p.next_offset);
+        }
+    }
+
+    fn assign(&mut self, partitions: Vec<(String, i32)>) {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition) in &partitions {
+            let key = (topic.clone(), *partition);
+            if self.expected.contains_key(&key) {
+                continue;
+            }
+            let offset = match self.stored.get(&key) {
+                Some(next) => Offset::Offset(*next),
+                None => Offset::Beginning,
+            };
+            if let Err(e) = tpl.add_partition_offset(topic, *partition, offset) {
+                error!(topic, partition, error = %e, "cannot build assignment");
+                continue;
+            }
+            self.expected.insert(
+                key,
+                self.stored
+                    .get(&(topic.clone(), *partition))
+                    .copied()
+                    .unwrap_or(-1),
+            );
+            info!(topic, partition, ?offset, "assigned partition");
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        if let Err(e) = self.consumer.incremental_assign(&tpl) {
+            error!(error = %e, "cannot assign partitions");
+            for (topic, partition) in partitions {
+                self.expected.remove(&(topic, partition));
+            }
+        }
+    }
+}
+
+/// Notices when the log moved under a stored position: offsets going back mean the
+/// broker lost its log (the position was past its end); a jump forward past the log's
+/// start means records were deleted before revsync read them.
+fn check_continuity(
+    consumer: &BaseConsumer,
+    expected: &mut HashMap<(String, i32), i64>,
+    metrics: &Metrics,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) {
+    let Some(expected) = expected.get_mut(&(topic.to_string(), partition)) else {
+        return;
+    };
+    let want = *expected;
+    *expected = offset + 1;
+    if want < 0 || offset == want {
+        return;
+    }
+    let labels = PartitionLabels {
+        topic: topic.to_string(),
+        partition,
+    };
+    if offset < want {
+        metrics.offset_resets.get_or_create(&labels).inc();
+        warn!(
+            topic,
+            partition,
+            stored = want,
+            restarted_at = offset,
+            "stored position was beyond the log end (broker log lost or recreated?); reading again from the earliest offset"
+        );
+        return;
+    }
+    // Gaps are normal with compaction and transaction markers; only a log start past
+    // our position means revocations were deleted unread.
+    match consumer.fetch_watermarks(topic, partition, BROKER_TIMEOUT) {
+        Ok((low, _)) if low > want => {
+            metrics.offset_resets.get_or_create(&labels).inc();
+            warn!(
+                topic,
+                partition,
+                stored = want,
+                log_start = low,
+                "log was truncated under the stored position: revocations in between may be lost; raise the topic's retention above the longest token lifetime"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => debug!(topic, partition, error = %e, "cannot confirm offset gap"),
+    }
+}
+
+fn label_index(labels: &mut Vec<TopicLabels>, topic: &str, format: EventFormat) -> usize {
+    if let Some(i) = labels.iter().position(|l| l.topic == topic) {
+        return i;
+    }
+    labels.push(TopicLabels {
+        topic: topic.to_string(),
+        format: format.as_str(),
+    });
+    labels.len() - 1
+}
+
+/// Decodes a record in its topic's configured format (never sniffed).
+pub fn decode(format: EventFormat, payload: &[u8]) -> Result<Event, DecodeError> {
+    match format {
+        EventFormat::Native => event::decode_native(payload),
+        EventFormat::Set | EventFormat::Keycloak => {
+            Err(DecodeError::Invalid("format not supported by this build"))
+        }
+    }
+}
+
+struct Watcher {
+    consumer: BaseConsumer,
+    topics: Vec<String>,
+    metrics: Arc<Metrics>,
+    state: Arc<IngestState>,
+    shutdown: CancellationToken,
+    assign_tx: mpsc::Sender<Vec<(String, i32)>>,
+    /// Partitions known per topic.
+    known: HashMap<String, i32>,
+    watermark_interval: Duration,
+    metadata_interval: Duration,
+}
+
+impl Watcher {
+    fn run(mut self) {
+        let mut next_metadata = Instant::now();
+        while !self.shutdown.is_cancelled() {
+            let round = Instant::now();
+            if round >= next_metadata {
+                self.refresh_metadata();
+                // Until every topic has been seen, look again at the watermark pace.
+                next_metadata = round
+                    + if self.known.len() < self.topics.len() {
+                        self.watermark_interval
+                    } else {
+                        self.metadata_interval
+                    };
+            }
+            self.refresh_watermarks();
+            let elapsed = round.elapsed();
+            let wait = self.watermark_interval.saturating_sub(elapsed);
+            // Sleep in short steps so shutdown is prompt.
+            let until = Instant::now() + wait;
+            while Instant::now() < until && !self.shutdown.is_cancelled() {
+                std::thread::sleep((until - Instant::now()).min(Duration::from_millis(50)));
+            }
+        }
+        debug!("watcher stopping");
+    }
+
+    fn refresh_metadata(&mut self) {
+        for topic in &self.topics {
+            let md = match self.consumer.fetch_metadata(Some(topic), BROKER_TIMEOUT) {
+                Ok(md) => md,
+                Err(e) => {
+                    warn!(topic, error = %e, "cannot read topic metadata");
+                    continue;
+                }
+            };
+            let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+                continue;
+            };
+            if let Some(err) = t.error() {
+                warn!(topic, error = ?err, "topic metadata error (does the topic exist?)");
+                continue;
+            }
+            let count = t.partitions().len() as i32;
+            let before = self.known.get(topic).copied().unwrap_or(0);
+            if count > before {
+                let new: Vec<(String, i32)> = t
+                    .partitions()
+                    .iter()
+                    .map(|p| p.id())
+                    .filter(|id| *id >= before)
+                    .map(|id| (topic.clone(), id))
+                    .collect();
+                if before > 0 {
+                    info!(topic, from = before, to = count, "partitions added");
+                }
+                {
+                    let mut map = self
+                        .state
+                        .partitions
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner());
+                    for key in &new {
+                        map.entry(key.clone()).or_default();
+                    }
+                }
+                self.known.insert(topic.clone(), count);
+                let _ = self.assign_tx.send(new);
+            }
+        }
+    }
+
+    fn refresh_watermarks(&self) {
+        let started_ms = unix_now_ms();
+        let keys: Vec<(String, i32)> = {
+            let map = self
+                .state
+                .partitions
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
+            map.keys().cloned().collect()
+        };
+        let every_topic_known = self.topics.iter().all(|t| self.known.contains_key(t));
+        let mut all_caught_up = every_topic_known && !keys.is_empty();
+        for (topic, partition) in keys {
+            if !self.known.contains_key(&topic) {
+                // Stored position of a topic no longer configured.
+                continue;
+            }
+            let marks = self
+                .consumer
+                .fetch_watermarks(&topic, partition, BROKER_TIMEOUT);
+            let mut map = self
+                .state
+                .partitions
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            let entry = map.entry((topic.clone(), partition)).or_default();
+            match marks {
+                Ok((low, high)) => {
+                    entry.low_watermark = Some(low);
+                    entry.high_watermark = Some(high);
+                    entry.lag = lag_of(entry);
+                    let lag = entry.lag.unwrap_or(0);
+                    self.metrics
+                        .lag
+                        .get_or_create(&PartitionLabels {
+                            topic: topic.clone(),
+                            partition,
+                        })
+                        .set(lag);
+                    if lag > 0 {
+                        all_caught_up = false;
+                    }
+                }
+                Err(e) => {
+                    debug!(topic, partition, error = %e, "cannot fetch watermarks");
+                    all_caught_up = false;
+                }
+            }
+        }
+        if all_caught_up && !self.state.store_failing() {
+            self.state.record_caught_up(started_ms);
+        }
+        if let Some(at) = self.state.caught_up_at_ms() {
+            self.metrics
+                .seconds_since_caught_up
+                .set(unix_now_ms().saturating_sub(at) as f64 / 1000.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_never_goes_negative_and_starts_at_the_log_start() {
+        let p = |pos, low, high| PartitionState {
+            position: pos,
+            low_watermark: Some(low),
+            high_watermark: Some(high),
+            lag: None,
+        };
+        assert_eq!(lag_of(&p(Some(10), 0, 15)), Some(5));
+        // Tansu memory:// reports a high watermark behind the true end.
+        assert_eq!(lag_of(&p(Some(20), 0, 15)), Some(0));
+        // Nothing read yet, log truncated to [100, 150).
+        assert_eq!(lag_of(&p(None, 100, 150)), Some(50));
+        assert_eq!(lag_of(&p(None, 150, 150)), Some(0));
+        assert_eq!(lag_of(&PartitionState::default()), None);
+    }
+}

@@ -1,0 +1,74 @@
+//! revsync: introspection-grade JWT revocation at local-validation cost.
+//!
+//! The authorization server publishes revocation events to Kafka; every revsync instance
+//! reads all of them into a local sled denylist; the resource server asks revsync over
+//! localhost HTTP whether a token is good, and revsync answers from local state.
+//!
+//! ```text
+//!  AS ──events──► Kafka ──[ingest]──► batch + positions ──► [denylist] (sled)
+//!                                                                ▲
+//!  resource server ──HTTP──► [api] ──► [token] (JWKS, JWT) ──────┘
+//!                                └──► [freshness] (how stale may the answer be)
+//! ```
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | the typed config: TOML, `REVSYNC_*` overrides, defaults |
+//! | [`event`] | the revocation model and the native v1 decoder |
+//! | [`denylist`] | the sled store: atomic apply with positions, lookups, expiry |
+//! | [`ingest`] | the Kafka reader and watermark watcher threads |
+//! | [`token`] | JWKS fetch/refresh, JWT validation, the verified-token cache |
+//! | [`freshness`] | how old the denylist is, and whether that is too old |
+//! | [`api`] | the axum router; maps decisions to HTTP answers |
+//! | [`publish`] | the reference publisher (`revsync publish`) |
+//! | [`metrics`] | the Prometheus registry |
+//! | [`app`] | start-up, GC, graceful shutdown |
+//! | [`cli`] | the command line; `main.rs` only calls it |
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod denylist;
+pub mod event;
+pub mod freshness;
+pub mod ingest;
+pub mod metrics;
+pub mod publish;
+pub mod token;
+
+use tokio_util::sync::CancellationToken;
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    unix_now_ms() / 1000
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+pub async fn shutdown_signal(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+    token.cancel();
+}

@@ -1,0 +1,259 @@
+//! Prometheus metrics, one registry per process (or per test). Labels never carry a
+//! token, `sub` or `jti` (invariant 6): only topics, partitions, issuers, formats,
+//! routes and the stable reason words.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicLabels {
+    pub topic: String,
+    pub format: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MalformedLabels {
+    pub topic: String,
+    pub format: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    pub topic: String,
+    pub partition: i32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckLabels {
+    pub route: &'static str,
+    pub outcome: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuerLabels {
+    pub issuer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 5 µs … ~5 s: the check path lives in microseconds, introspection in milliseconds.
+    Histogram::new(exponential_buckets(5e-6, 2.0, 20))
+}
+
+fn delay_histogram() -> Histogram {
+    // 1 ms … ~65 s: publish → applied delay.
+    Histogram::new(exponential_buckets(1e-3, 2.0, 17))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub events_applied: Family<TopicLabels, Counter>,
+    pub events_malformed: Family<MalformedLabels, Counter>,
+    pub events_ignored: Family<TopicLabels, Counter>,
+    pub batches_applied: Counter,
+    pub lag: Family<PartitionLabels, Gauge>,
+    pub position: Family<PartitionLabels, Gauge>,
+    pub offset_resets: Family<PartitionLabels, Counter>,
+    pub seconds_since_caught_up: Gauge<f64, AtomicU64>,
+    pub propagation_delay: Histogram,
+    pub denylist_entries: Family<KindLabels, Gauge>,
+    pub entries_expired: Family<KindLabels, Counter>,
+    pub store_errors: Counter,
+    pub checks: Family<CheckLabels, Counter>,
+    pub check_latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub jwks_fetches: Family<IssuerLabels, Counter>,
+    pub jwks_failures: Family<IssuerLabels, Counter>,
+    pub introspections: Family<CheckLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("revsync");
+        let m = Self {
+            events_applied: Family::default(),
+            events_malformed: Family::default(),
+            events_ignored: Family::default(),
+            batches_applied: Counter::default(),
+            lag: Family::default(),
+            position: Family::default(),
+            offset_resets: Family::default(),
+            seconds_since_caught_up: Gauge::default(),
+            propagation_delay: delay_histogram(),
+            denylist_entries: Family::default(),
+            entries_expired: Family::default(),
+            store_errors: Counter::default(),
+            checks: Family::default(),
+            check_latency: Family::new_with_constructor(latency_histogram),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+            jwks_fetches: Family::default(),
+            jwks_failures: Family::default(),
+            introspections: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "events_applied",
+            "Revocation events applied to the denylist",
+            m.events_applied.clone(),
+        );
+        registry.register(
+            "events_malformed",
+            "Records skipped because they could not be decoded",
+            m.events_malformed.clone(),
+        );
+        registry.register(
+            "events_ignored",
+            "Well-formed records that revoke nothing (e.g. unmapped Keycloak events)",
+            m.events_ignored.clone(),
+        );
+        registry.register(
+            "batches_applied",
+            "Atomic store writes made by the consumer",
+            m.batches_applied.clone(),
+        );
+        registry.register(
+            "partition_lag",
+            "High watermark minus applied position, per partition",
+            m.lag.clone(),
+        );
+        registry.register(
+            "partition_position",
+            "Next offset to read, per partition (as stored)",
+            m.position.clone(),
+        );
+        registry.register(
+            "offset_resets",
+            "Times a stored position was out of the log's range and reading restarted at the earliest offset",
+            m.offset_resets.clone(),
+        );
+        registry.register(
+            "seconds_since_caught_up",
+            "Age of the last confirmation that every partition was read up to its high watermark",
+            m.seconds_since_caught_up.clone(),
+        );
+        registry.register(
+            "propagation_delay_seconds",
+            "Applied time minus the event's event_time",
+            m.propagation_delay.clone(),
+        );
+        registry.register(
+            "denylist_entries",
+            "Live denylist entries by kind",
+            m.denylist_entries.clone(),
+        );
+        registry.register(
+            "denylist_expired",
+            "Entries dropped because they can no longer affect a valid token",
+            m.entries_expired.clone(),
+        );
+        registry.register(
+            "store_errors",
+            "Failed denylist reads or writes",
+            m.store_errors.clone(),
+        );
+        registry.register(
+            "checks",
+            "Token checks by route, outcome and reason",
+            m.checks.clone(),
+        );
+        registry.register(
+            "check_duration_seconds",
+            "Time to answer a check, by route",
+            m.check_latency.clone(),
+        );
+        registry.register(
+            "verified_cache_hits",
+            "Checks that skipped signature verification",
+            m.cache_hits.clone(),
+        );
+        registry.register(
+            "verified_cache_misses",
+            "Checks that verified a signature",
+            m.cache_misses.clone(),
+        );
+        registry.register(
+            "jwks_fetches",
+            "JWKS fetches per issuer",
+            m.jwks_fetches.clone(),
+        );
+        registry.register(
+            "jwks_fetch_failures",
+            "Failed JWKS fetches per issuer",
+            m.jwks_failures.clone(),
+        );
+        registry.register(
+            "introspections",
+            "RFC 7662 introspection calls made under the stale policy",
+            m.introspections.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn malformed(&self, topic: &str, format: &'static str, reason: &'static str) {
+        self.events_malformed
+            .get_or_create(&MalformedLabels {
+                topic: topic.to_string(),
+                format,
+                reason,
+            })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_are_prefixed_and_labelled() {
+        let m = Metrics::new();
+        m.malformed("revocations", "native", "missing_field");
+        m.checks
+            .get_or_create(&CheckLabels {
+                route: "check",
+                outcome: "inactive",
+                reason: "revoked",
+            })
+            .inc();
+        let text = m.encode();
+        assert!(text.contains(
+            "revsync_events_malformed_total{topic=\"revocations\",format=\"native\",reason=\"missing_field\"} 1"
+        ));
+        assert!(text.contains(
+            "revsync_checks_total{route=\"check\",outcome=\"inactive\",reason=\"revoked\"} 1"
+        ));
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

@@ -1,0 +1,277 @@
+//! A real Kafka-protocol broker (Tansu) for integration tests, started on a free
+//! loopback port and killed on drop; and the revsync binary as a child process.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The pinned Tansu binary: `$REVSYNC_TANSU`, else the cache `.ci/run` installs into,
+/// else `tansu` on PATH.
+pub fn tansu_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("REVSYNC_TANSU") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    let cached = Path::new(&home).join(".cache/revsync/tansu-0.6.0/bin/tansu");
+    if cached.exists() {
+        return cached;
+    }
+    PathBuf::from("tansu")
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+pub enum Storage {
+    Memory,
+    /// SQLite file: the log survives broker restarts.
+    Sqlite(PathBuf),
+}
+
+pub struct Broker {
+    child: Option<Child>,
+    pub port: u16,
+    storage_url: String,
+}
+
+impl Broker {
+    pub fn start(storage: Storage) -> Self {
+        let storage_url = match storage {
+            Storage::Memory => "memory://tansu/".to_string(),
+            Storage::Sqlite(path) => format!(
+                "sqlite:///{}",
+                path.display().to_string().trim_start_matches('/')
+            ),
+        };
+        let mut b = Broker {
+            child: None,
+            port: free_port(),
+            storage_url,
+        };
+        b.launch();
+        b
+    }
+
+    pub fn memory() -> Self {
+        Self::start(Storage::Memory)
+    }
+
+    /// `host:port` for librdkafka.
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn url(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.port)
+    }
+
+    fn launch(&mut self) {
+        let child = Command::new(tansu_bin())
+            .args([
+                "broker",
+                "--listener-url",
+                &self.url(),
+                "--advertised-listener-url",
+                &self.url(),
+            ])
+            .args(["--storage-engine", &self.storage_url])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {} (run .ci/run to install Tansu): {e}",
+                    tansu_bin().display()
+                )
+            });
+        self.child = Some(child);
+        assert!(
+            wait_for_port(self.port, Duration::from_secs(20)),
+            "tansu did not listen on {}",
+            self.port
+        );
+    }
+
+    pub fn create_topic(&self, name: &str, partitions: i32) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = Command::new(tansu_bin())
+                .args([
+                    "topic",
+                    "create",
+                    name,
+                    "--partitions",
+                    &partitions.to_string(),
+                    "--broker",
+                    &self.url(),
+                ])
+                .env("RUST_LOG", "warn")
+                .output()
+                .expect("run tansu topic create");
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tansu topic create {name} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn delete_topic(&self, name: &str) {
+        let out = Command::new(tansu_bin())
+            .args(["topic", "delete", name, "--broker", &self.url()])
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run tansu topic delete");
+        assert!(
+            out.status.success(),
+            "tansu topic delete: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Kills the broker (its in-memory log goes with it).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and storage.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The revsync binary run as a child process with a config file.
+pub struct Daemon {
+    child: Option<Child>,
+    pub port: u16,
+    pub config: PathBuf,
+}
+
+impl Daemon {
+    pub fn spawn(config: &Path, port: u16) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_revsync"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn revsync");
+        assert!(
+            wait_for_port(port, Duration::from_secs(20)),
+            "revsync did not listen"
+        );
+        Daemon {
+            child: Some(child),
+            port,
+            config: config.to_path_buf(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    /// SIGKILL: no flush, no goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns the exit status code.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("revsync did not exit within {timeout:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A tiny blocking HTTP/1.1 GET returning the JSON body: keeps sync tests free of an
+/// async runtime.
+pub fn get_json(url: &str) -> Option<serde_json::Value> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest.split_once('/')?;
+    let mut s = TcpStream::connect(host).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let body = buf.split_once("\r\n\r\n")?.1;
+    serde_json::from_str(body).ok()
+}
