@@ -31,6 +31,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon.
     Run(RunArgs),
+    /// Try it on one machine: a local broker, a demo issuer and the daemon.
+    Dev(crate::dev::DevArgs),
     /// Publish revocation events (native v1) to Kafka, as an authorization server would.
     Publish(PublishArgs),
     /// Ask a running daemon about a token (read from stdin, never from the command line).
@@ -193,6 +195,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<i32> {
             crate::app::run(config, listener, shutdown).await?;
             Ok(0)
         }
+        Command::Dev(args) => crate::dev::run(args).await,
         Command::Publish(args) => publish(args).await,
         Command::Check(args) => check(args).await,
         Command::Denylist { command } => denylist(command),
@@ -323,11 +326,8 @@ fn denylist(command: DenylistCommand) -> anyhow::Result<i32> {
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
         DenylistCommand::Dump(_) => {
-            for (kind, iss, id, primary, expiry) in d.entries()? {
-                println!(
-                    "{}",
-                    serde_json::json!({"kind": kind, "iss": iss, "id": id, "value": primary, "expires": expiry})
-                );
+            for entry in d.entries()? {
+                println!("{}", serde_json::to_string(&entry)?);
             }
         }
     }

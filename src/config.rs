@@ -395,6 +395,12 @@ impl Config {
                     "required for format = \"keycloak\" (its events carry no issuer)",
                 );
             }
+            if t.format != EventFormat::Native {
+                return invalid(
+                    &format!("kafka.topics[{i}].format"),
+                    "only \"native\" is supported by this build",
+                );
+            }
         }
         for key in self.kafka.properties.keys() {
             if MANAGED_KAFKA_PROPERTIES.contains(&key.as_str()) {

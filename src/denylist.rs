@@ -180,6 +180,20 @@ impl Sizes {
     }
 }
 
+/// One stored revocation, as `revsync denylist dump` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Entry {
+    pub kind: &'static str,
+    pub iss: String,
+    /// jti, sub, sid or client_id; empty for issuer entries.
+    pub id: String,
+    /// `not_before` (subject, client, issuer), latest `event_time` (session), `exp` or 0
+    /// (token).
+    pub value: u64,
+    /// Unix time after which the entry can no longer affect a valid token.
+    pub expires: u64,
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ApplyOutcome {
     /// Entries created or extended.
@@ -425,22 +439,22 @@ impl Denylist {
         self.db.size_on_disk().unwrap_or(0)
     }
 
-    /// Every entry as (kind, issuer, identifier, primary, expiry), in key order: for
-    /// `revsync denylist dump` and for tests comparing whole stores.
-    pub fn entries(&self) -> Result<Vec<(&'static str, String, String, u64, u64)>, StoreError> {
+    /// Every entry in key order: for `revsync denylist dump` and for tests comparing
+    /// whole stores.
+    pub fn entries(&self) -> Result<Vec<Entry>, StoreError> {
         let mut out = Vec::new();
         for (kind, word) in KINDS {
             for item in self.tree.scan_prefix([kind]) {
                 let (k, v) = item?;
                 let (iss, id) = split_prefixed(&k[1..]).ok_or(StoreError::Corrupt(kind as char))?;
-                let [p, x] = decode_entry(&v)?;
-                out.push((
-                    word,
-                    String::from_utf8_lossy(iss).into_owned(),
-                    String::from_utf8_lossy(id).into_owned(),
-                    p,
-                    x,
-                ));
+                let [value, expires] = decode_entry(&v)?;
+                out.push(Entry {
+                    kind: word,
+                    iss: String::from_utf8_lossy(iss).into_owned(),
+                    id: String::from_utf8_lossy(id).into_owned(),
+                    value,
+                    expires,
+                });
             }
         }
         Ok(out)

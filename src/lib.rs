@@ -24,12 +24,14 @@
 //! | [`metrics`] | the Prometheus registry |
 //! | [`app`] | start-up, GC, graceful shutdown |
 //! | [`cli`] | the command line; `main.rs` only calls it |
+//! | [`dev`] | `revsync dev`: local broker + demo issuer + daemon |
 
 pub mod api;
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod denylist;
+pub mod dev;
 pub mod event;
 pub mod freshness;
 pub mod ingest;

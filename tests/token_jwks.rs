@@ -381,7 +381,10 @@ async fn issuer_whose_jwks_never_loaded_is_undecidable() {
     assert_eq!(rejection, Rejection::KeysUnavailable);
     assert!(rejection.undecidable());
     assert_eq!(rejection.reason(), "unknown_key");
-    assert_eq!(env.failures(&down.issuer()), 2, "the check tried a refetch");
+    assert!(
+        env.failures(&down.issuer()) >= 2,
+        "the check tried a refetch"
+    );
     // The other issuer is unaffected.
     let other = healthy_key.sign(&claims(&healthy.issuer(), AUD, 300));
     assert_eq!(env.check(&other).await, Ok(()));
