@@ -135,6 +135,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/check", post(check))
         .route("/introspect", post(introspect))
         .route("/v1/authz", any(authz))
+        // A proxy that appends the original path (Envoy `path_prefix`) sends `/` as
+        // `/v1/authz/`, which `{*rest}` does not match.
+        .route("/v1/authz/", any(authz))
         .route("/v1/authz/{*rest}", any(authz))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -220,7 +223,10 @@ async fn introspect(State(s): State<AppState>, body: Bytes) -> Response {
     let mut token = None;
     for (k, v) in form_urlencoded_pairs(&body) {
         if k == "token" {
-            token = Some(v);
+            // RFC 6749 §3.1: parameters must not be repeated; never pick one silently.
+            if token.replace(v).is_some() {
+                return invalid_request("form parameter `token` must appear once");
+            }
         }
     }
     let Some(token) = token else {

@@ -240,11 +240,11 @@ struct Reader {
     expected: HashMap<(String, i32), i64>,
 }
 
-/// One decoded record waiting for the batch write.
-struct Pending {
-    event: Event,
+/// Where a decoded record came from, kept beside it until the batch is written.
+struct Origin {
     topic_idx: usize,
-    timestamp_ms: Option<i64>,
+    /// Record timestamp (ms), or the event's own `event_time`.
+    sent_ms: i64,
 }
 
 impl Reader {
@@ -258,7 +258,8 @@ impl Reader {
                 std::thread::sleep(POLL_TIMEOUT);
                 continue;
             }
-            let mut events: Vec<Pending> = Vec::new();
+            let mut events: Vec<Event> = Vec::new();
+            let mut origins: Vec<Origin> = Vec::new();
             let mut positions: HashMap<(String, i32), i64> = HashMap::new();
             let mut polled = 0usize;
             let mut timeout = POLL_TIMEOUT;
@@ -294,11 +295,16 @@ impl Reader {
                 let format = cfg.format;
                 let topic_idx = label_index(&mut topic_labels, topic, format);
                 match decode(format, msg.payload().unwrap_or_default()) {
-                    Ok(event) => events.push(Pending {
-                        event,
-                        topic_idx,
-                        timestamp_ms: msg.timestamp().to_millis(),
-                    }),
+                    Ok(event) => {
+                        origins.push(Origin {
+                            topic_idx,
+                            sent_ms: msg
+                                .timestamp()
+                                .to_millis()
+                                .unwrap_or(event.event_time as i64 * 1000),
+                        });
+                        events.push(event);
+                    }
                     Err(e) => {
                         // The payload may carry anything, secrets included: never logged.
                         warn!(topic, partition, offset, reason = e.reason(), error = %e, "skipping malformed record");
@@ -309,7 +315,7 @@ impl Reader {
             if positions.is_empty() {
                 continue;
             }
-            self.write(&events, positions, &topic_labels);
+            self.write(&events, &origins, positions, &topic_labels);
         }
         debug!("reader stopping");
         if let Err(e) = self.denylist.flush() {
@@ -321,11 +327,11 @@ impl Reader {
     /// without its data, and data never goes missing because the disk hiccuped.
     fn write(
         &self,
-        pending: &[Pending],
+        events: &[Event],
+        origins: &[Origin],
         positions: HashMap<(String, i32), i64>,
         labels: &[TopicLabels],
     ) {
-        let events: Vec<Event> = pending.iter().map(|p| p.event.clone()).collect();
         let positions: Vec<Position> = positions
             .into_iter()
             .map(|((topic, partition), next_offset)| Position {
@@ -335,7 +341,7 @@ impl Reader {
             })
             .collect();
         loop {
-            match self.denylist.apply(&events, &positions, unix_now()) {
+            match self.denylist.apply(events, &positions, unix_now()) {
                 Ok(outcome) => {
                     self.state.store_failing.store(false, Ordering::Release);
                     debug!(
@@ -358,15 +364,17 @@ impl Reader {
         }
         self.metrics.batches_applied.inc();
         let now_ms = unix_now_ms() as i64;
-        for p in pending {
-            self.metrics
-                .events_applied
-                .get_or_create(&labels[p.topic_idx])
-                .inc();
-            let sent_ms = p.timestamp_ms.unwrap_or(p.event.event_time as i64 * 1000);
+        let mut per_topic = vec![0u64; labels.len()];
+        for o in origins {
+            per_topic[o.topic_idx] += 1;
             self.metrics
                 .propagation_delay
-                .observe((now_ms - sent_ms).max(0) as f64 / 1000.0);
+                .observe((now_ms - o.sent_ms).max(0) as f64 / 1000.0);
+        }
+        for (label, n) in labels.iter().zip(per_topic) {
+            if n > 0 {
+                self.metrics.events_applied.get_or_create(label).inc_by(n);
+            }
         }
         for p in &positions {
             self.state
