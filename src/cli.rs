@@ -37,6 +37,11 @@ pub enum Command {
     Publish(PublishArgs),
     /// Ask a running daemon about a token (read from stdin, never from the command line).
     Check(CheckArgs),
+    /// Exit 0 if URL answers 2xx, 1 otherwise (for exec probes: revsync listens on loopback).
+    Probe {
+        #[arg(default_value = "http://127.0.0.1:8181/readyz")]
+        url: String,
+    },
     /// Inspect the denylist store of a stopped daemon.
     Denylist {
         #[command(subcommand)]
@@ -198,6 +203,16 @@ pub async fn execute(cli: Cli) -> anyhow::Result<i32> {
         Command::Dev(args) => crate::dev::run(args).await,
         Command::Publish(args) => publish(args).await,
         Command::Check(args) => check(args).await,
+        Command::Probe { url } => {
+            let ok = reqwest::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .build()?
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            Ok(if ok { 0 } else { 1 })
+        }
         Command::Denylist { command } => denylist(command),
         Command::Config {
             command: ConfigCommand::Check { file },

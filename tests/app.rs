@@ -74,3 +74,13 @@ async fn serves_checks_over_a_unix_socket_and_shuts_down_cleanly() {
     );
     assert!(d.is_ok(), "store reopens after shutdown");
 }
+
+#[test]
+fn the_example_config_in_deploy_is_valid_and_secrets_are_redacted() {
+    let text = include_str!("../deploy/revsync.example.toml");
+    let config = Config::parse(text, Vec::new()).expect("deploy/revsync.example.toml parses");
+    assert_eq!(config.issuers.len(), 1);
+    let shown = config.to_redacted_toml();
+    assert!(!shown.contains("change-me"), "{shown}");
+    assert!(shown.contains("SASL_SSL"));
+}
