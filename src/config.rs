@@ -171,6 +171,10 @@ pub struct IssuerConfig {
     /// Claims a token must carry besides `exp`, `iss`, `aud`. Default none.
     #[serde(default)]
     pub required_claims: Vec<String>,
+    /// RFC 7662 endpoint asked when the denylist is stale and `on_stale = "introspect"`.
+    /// Default none.
+    #[serde(default)]
+    pub introspection: Option<IntrospectionConfig>,
     /// How often the JWKS is re-fetched. Default `5m`.
     #[serde(default = "default_jwks_refresh", with = "duration")]
     pub jwks_refresh: Duration,
@@ -198,6 +202,26 @@ pub struct FreshnessConfig {
     /// What a check does when stale: `deny` (default), `allow`, `introspect`.
     #[serde(default)]
     pub on_stale: OnStale,
+    /// `introspect`: how long one RFC 7662 call may take before the check falls back to
+    /// `deny`. Default `2s`.
+    #[serde(default = "default_introspection_timeout", with = "duration")]
+    pub introspection_timeout: Duration,
+    /// `introspect`: how long an introspection answer is reused for the same token;
+    /// never longer than `max_staleness`. Default `5s`.
+    #[serde(default = "default_introspection_cache_ttl", with = "duration")]
+    pub introspection_cache_ttl: Duration,
+}
+
+/// An issuer's RFC 7662 introspection endpoint, used only under `on_stale = "introspect"`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectionConfig {
+    /// The endpoint URL. Required.
+    pub endpoint: String,
+    /// Client credentials (HTTP Basic, RFC 7662 §2.1). Required.
+    pub client_id: String,
+    /// Redacted when the config is printed.
+    pub client_secret: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -263,6 +287,12 @@ fn default_jwks_min_refetch() -> Duration {
 fn default_max_staleness() -> Duration {
     DEFAULT_MAX_STALENESS
 }
+fn default_introspection_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_introspection_cache_ttl() -> Duration {
+    Duration::from_secs(5)
+}
 
 impl Default for HttpConfig {
     fn default() -> Self {
@@ -287,6 +317,8 @@ impl Default for FreshnessConfig {
         Self {
             max_staleness: default_max_staleness(),
             on_stale: OnStale::default(),
+            introspection_timeout: default_introspection_timeout(),
+            introspection_cache_ttl: default_introspection_cache_ttl(),
         }
     }
 }
@@ -318,6 +350,7 @@ impl IssuerConfig {
             require_typ: false,
             leeway: default_leeway(),
             required_claims: Vec::new(),
+            introspection: None,
             jwks_refresh: default_jwks_refresh(),
             jwks_min_refetch: default_jwks_min_refetch(),
         }
@@ -420,6 +453,12 @@ impl Config {
                     "must name at least one audience",
                 );
             }
+            if self.freshness.on_stale == OnStale::Introspect && iss.introspection.is_none() {
+                return invalid(
+                    &format!("issuers[{i}].introspection"),
+                    "required when freshness.on_stale = \"introspect\" (endpoint, client_id, client_secret)",
+                );
+            }
             for alg in &iss.algorithms {
                 if !ASYMMETRIC_ALGORITHMS.contains(&alg.as_str()) {
                     return invalid(
@@ -443,6 +482,11 @@ impl Config {
     /// The effective config as TOML, with secret values replaced by `"<redacted>"`.
     pub fn to_redacted_toml(&self) -> String {
         let mut copy = self.clone();
+        for i in copy.issuers.iter_mut() {
+            if let Some(x) = i.introspection.as_mut() {
+                x.client_secret = "<redacted>".into();
+            }
+        }
         for (k, v) in copy.kafka.properties.iter_mut() {
             if SECRET_KEY_MARKERS.iter().any(|m| k.contains(m)) {
                 *v = "<redacted>".into();
@@ -645,6 +689,19 @@ audiences = ["https://api.example.com"]
         );
         let err = Config::parse(&text, no_env()).unwrap_err().to_string();
         assert!(err.contains("kafka.topics[0].issuer"), "{err}");
+    }
+
+    #[test]
+    fn introspect_policy_needs_every_issuers_endpoint_and_hides_its_secret() {
+        let text = format!("{MINIMAL}\n[freshness]\non_stale = \"introspect\"\n");
+        let err = Config::parse(&text, no_env()).unwrap_err().to_string();
+        assert!(err.contains("issuers[0].introspection"), "{err}");
+        let text = format!(
+            "{MINIMAL}[issuers.introspection]\nendpoint = \"https://as/introspect\"\nclient_id = \"rs\"\nclient_secret = \"s3cret\"\n\n[freshness]\non_stale = \"introspect\"\n"
+        );
+        let c = Config::parse(&text, no_env()).unwrap();
+        assert_eq!(c.issuers[0].introspection.as_ref().unwrap().client_id, "rs");
+        assert!(!c.to_redacted_toml().contains("s3cret"));
     }
 
     #[test]

@@ -9,16 +9,20 @@
 //! |---|---|---|
 //! | `T` `S` `E` `C` | kind, issuer (u16 length-prefixed), identifier | primary u64, expiry u64 |
 //! | `I` | kind, issuer | not_before u64, expiry u64 |
-//! | `X` | expiry u64, entry key | empty: the expiry index the GC walks |
+//! | `X` | expiry bucket u64, sequence u64 | entry keys (u16 length-prefixed) expiring in that bucket |
 //! | `P` | topic (length-prefixed), partition i32 | next offset i64 |
 //! | `N` | kind | live-entry count u64 |
 //!
 //! `primary` is `not_before` for subject/client/issuer, the latest `event_time` for a
-//! session, and the token's `exp` (0 when unknown) for a token. Every merge is a `max`, so
+//! session, and the token's `exp` (0 when unknown) for a token. The expiry log groups a
+//! batch's entries by `EXPIRY_BUCKET` of their expiry into one record, so an event costs
+//! one key write rather than two; the GC walks only buckets that have wholly passed and
+//! drops an entry only if its current expiry has passed too (an entry extended since is
+//! listed again in its later bucket). Every merge is a `max`, so
 //! apply is idempotent and commutative (invariant 1). Writers (apply, GC) are serialized by
 //! a mutex because merges read before they write; readers never wait.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -36,6 +40,11 @@ const ISSUER: u8 = b'I';
 const EXPIRY: u8 = b'X';
 const POSITION: u8 = b'P';
 const COUNT: u8 = b'N';
+
+/// Width of an expiry-log bucket in seconds: entries outlive their expiry by at most this.
+pub const EXPIRY_BUCKET: u64 = 600;
+/// Largest expiry-log record, so no single value grows unbounded with the batch size.
+const EXPIRY_RECORD_MAX: usize = 64 * 1024;
 
 const KINDS: [(u8, &str); 5] = [
     (TOKEN, "token"),
@@ -194,6 +203,15 @@ pub struct Entry {
     pub expires: u64,
 }
 
+/// What one GC pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcOutcome {
+    /// Entries dropped, by kind.
+    pub dropped: BTreeMap<&'static str, u64>,
+    /// The pass stopped at its limit; more expired records may remain.
+    pub more: bool,
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ApplyOutcome {
     /// Entries created or extended.
@@ -264,6 +282,7 @@ impl Denylist {
         let mut pending: HashMap<Vec<u8>, [u64; 2]> = HashMap::new();
         let mut batch = sled::Batch::default();
         let mut count_delta = [0i64; 5];
+        let mut expiring: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         for event in events {
             let (kind, iss, id, primary, expiry) = self.retention.entry(event);
             if expiry <= now {
@@ -283,17 +302,21 @@ impl Denylist {
                 outcome.unchanged += 1;
                 continue;
             }
-            match old {
-                Some([_, old_expiry]) if old_expiry != new[1] => {
-                    batch.remove(expiry_key(old_expiry, &key));
-                }
-                None => count_delta[kind_index(kind)] += 1,
-                _ => {}
+            if old.is_none() {
+                count_delta[kind_index(kind)] += 1;
             }
-            batch.insert(expiry_key(new[1], &key), &[][..]);
+            if old.map(|[_, x]| x) != Some(new[1]) {
+                let list = expiring.entry(new[1] / EXPIRY_BUCKET).or_default();
+                push_prefixed(list, &key);
+            }
             batch.insert(key.clone(), &encode_entry(new)[..]);
             pending.insert(key, new);
             outcome.changed += 1;
+        }
+        for (bucket, list) in expiring {
+            for chunk in split_prefixed_list(&list, EXPIRY_RECORD_MAX) {
+                batch.insert(expiry_key(bucket, self.db.generate_id()?), chunk);
+            }
         }
         for p in positions {
             batch.insert(
@@ -307,41 +330,50 @@ impl Denylist {
         Ok(outcome)
     }
 
-    /// Drops entries whose expiry is at or before `now`, at most `limit` per call.
-    /// Returns how many were dropped, by kind.
-    pub fn gc(&self, now: u64, limit: usize) -> Result<BTreeMap<&'static str, u64>, StoreError> {
+    /// Drops entries whose expiry has passed, walking at most `limit` expiry-log records
+    /// of buckets that ended at or before `now`.
+    pub fn gc(&self, now: u64, limit: usize) -> Result<GcOutcome, StoreError> {
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let mut batch = sled::Batch::default();
         let mut count_delta = [0i64; 5];
-        let end = {
-            let mut k = vec![EXPIRY];
-            k.extend_from_slice(&now.saturating_add(1).to_be_bytes());
-            k
-        };
+        let mut removed: HashSet<Vec<u8>> = HashSet::new();
+        let end = expiry_key(now / EXPIRY_BUCKET, 0);
+        let mut records = 0;
         for item in self.tree.range(vec![EXPIRY]..end).take(limit) {
-            let (xkey, _) = item?;
-            let entry = &xkey[9..];
-            batch.remove(xkey.clone());
-            let Some(&kind) = entry.first() else { continue };
-            // The index entry is current only if the entry's expiry still matches it;
-            // apply removes superseded index keys, so this is a consistency guard.
-            let expiry = read_u64(&xkey, 1).ok_or(StoreError::Corrupt('X'))?;
-            if let Some(v) = self.tree.get(entry)? {
-                if decode_entry(&v)?[1] == expiry {
-                    batch.remove(entry);
-                    count_delta[kind_index(kind)] -= 1;
+            let (xkey, list) = item?;
+            batch.remove(xkey);
+            records += 1;
+            let mut rest = &list[..];
+            while !rest.is_empty() {
+                let (entry, tail) = split_prefixed(rest).ok_or(StoreError::Corrupt('X'))?;
+                rest = tail;
+                if removed.contains(entry) {
+                    continue;
                 }
+                let Some(v) = self.tree.get(entry)? else {
+                    continue;
+                };
+                // Extended since it was listed here: its later bucket will drop it.
+                if decode_entry(&v)?[1] > now {
+                    continue;
+                }
+                batch.remove(entry);
+                count_delta[kind_index(entry[0])] -= 1;
+                removed.insert(entry.to_vec());
             }
         }
         self.stage_counts(&mut batch, &count_delta);
         self.tree.apply_batch(batch)?;
         self.commit_counts(&count_delta);
-        Ok(KINDS
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| count_delta[*i] != 0)
-            .map(|(i, (_, name))| (*name, count_delta[i].unsigned_abs()))
-            .collect())
+        Ok(GcOutcome {
+            dropped: KINDS
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| count_delta[*i] != 0)
+                .map(|(i, (_, name))| (*name, count_delta[i].unsigned_abs()))
+                .collect(),
+            more: records == limit,
+        })
     }
 
     fn stage_counts(&self, batch: &mut sled::Batch, delta: &[i64; 5]) {
@@ -481,12 +513,32 @@ fn entry_key(kind: u8, iss: &str, id: &str) -> Vec<u8> {
     k
 }
 
-fn expiry_key(expiry: u64, entry: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(9 + entry.len());
+fn expiry_key(bucket: u64, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17);
     k.push(EXPIRY);
-    k.extend_from_slice(&expiry.to_be_bytes());
-    k.extend_from_slice(entry);
+    k.extend_from_slice(&bucket.to_be_bytes());
+    k.extend_from_slice(&seq.to_be_bytes());
     k
+}
+
+/// Splits a list of length-prefixed items into runs of at most `max` bytes, never
+/// cutting an item.
+fn split_prefixed_list(list: &[u8], max: usize) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let (mut start, mut at) = (0, 0);
+    while at < list.len() {
+        let len = u16::from_be_bytes([list[at], list[at + 1]]) as usize;
+        let next = at + 2 + len;
+        if next - start > max && at > start {
+            out.push(&list[start..at]);
+            start = at;
+        }
+        at = next;
+    }
+    if start < list.len() {
+        out.push(&list[start..]);
+    }
+    out
 }
 
 fn position_key(topic: &str, partition: i32) -> Vec<u8> {
@@ -709,7 +761,7 @@ mod tests {
                     Revocation::Subject {
                         iss: "I".into(),
                         sub: "s".into(),
-                        not_before: 200,
+                        not_before: 800,
                     },
                 ),
             ],
@@ -718,14 +770,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(d.sizes().total(), 3);
-        assert!(d.gc(499, 1000).unwrap().is_empty());
-        assert_eq!(d.gc(500, 1000).unwrap().get("token"), Some(&1));
+        // a expires at 500, in the bucket [0, 600): dropped once that bucket has passed.
+        assert!(d.gc(500, 1000).unwrap().dropped.is_empty());
+        assert!(d.gc(599, 1000).unwrap().dropped.is_empty());
+        assert_eq!(d.gc(600, 1000).unwrap().dropped.get("token"), Some(&1));
         assert_eq!(d.sizes().token, 1);
-        // b: event_time + lifetime; s: not_before + lifetime.
-        d.gc(100 + HOUR, 1000).unwrap();
+        // b: event_time + lifetime = 3700, bucket ends 4200.
+        assert!(d.gc(4199, 1000).unwrap().dropped.is_empty());
+        d.gc(4200, 1000).unwrap();
         assert_eq!(d.sizes().token, 0);
+        // s: not_before + lifetime = 4400, bucket ends 4800.
         assert_eq!(d.sizes().subject, 1);
-        d.gc(200 + HOUR, 1000).unwrap();
+        d.gc(4800, 1000).unwrap();
         assert_eq!(d.sizes().total(), 0);
         assert!(d.entries().unwrap().is_empty());
         assert_eq!(d.tree.scan_prefix([EXPIRY]).count(), 0);
@@ -744,13 +800,39 @@ mod tests {
                 },
             )
         };
-        d.apply(&[sub(100), sub(300)], &[], 0).unwrap();
-        d.apply(&[sub(200)], &[], 0).unwrap();
-        assert_eq!(d.tree.scan_prefix([EXPIRY]).count(), 1);
-        d.gc(100 + HOUR, 10).unwrap();
-        assert_eq!(d.sizes().subject, 1, "still covered by not_before 300");
-        d.gc(300 + HOUR, 10).unwrap();
+        d.apply(&[sub(100), sub(1000)], &[], 0).unwrap();
+        assert_eq!(d.apply(&[sub(200)], &[], 0).unwrap().unchanged, 1);
+        // Listed under 3700's bucket, then under 4600's after the extension.
+        assert_eq!(d.tree.scan_prefix([EXPIRY]).count(), 2);
+        d.gc(4200, 10).unwrap();
+        assert_eq!(d.sizes().subject, 1, "still covered by not_before 1000");
+        d.gc(4800, 10).unwrap();
         assert_eq!(d.sizes().subject, 0);
+        assert_eq!(d.tree.scan_prefix([EXPIRY]).count(), 0);
+    }
+
+    #[test]
+    fn long_expiry_lists_are_split_without_cutting_an_item() {
+        let mut list = Vec::new();
+        for i in 0..1000u32 {
+            push_prefixed(&mut list, format!("entry-{i:04}").as_bytes());
+        }
+        let chunks = split_prefixed_list(&list, 100);
+        assert!(chunks.len() > 100);
+        assert!(chunks.iter().all(|c| c.len() <= 100));
+        assert_eq!(chunks.concat(), list);
+        let mut n = 0;
+        for c in chunks {
+            let mut rest = c;
+            while let Some((_, tail)) = split_prefixed(rest) {
+                rest = tail;
+                n += 1;
+                if rest.is_empty() {
+                    break;
+                }
+            }
+        }
+        assert_eq!(n, 1000);
     }
 
     #[test]
@@ -848,7 +930,13 @@ mod tests {
             }
             prop_assert_eq!(a.entries().unwrap(), b.entries().unwrap());
             prop_assert_eq!(a.sizes(), b.sizes());
-            prop_assert_eq!(a.tree.scan_prefix([EXPIRY]).count(), b.tree.scan_prefix([EXPIRY]).count());
+            // GC at the same moments leaves the same stores, however they were batched.
+            for t in [1200, 3600, 4800, 9000] {
+                a.gc(t, usize::MAX).unwrap();
+                b.gc(t, usize::MAX).unwrap();
+                prop_assert_eq!(a.entries().unwrap(), b.entries().unwrap());
+                prop_assert_eq!(a.sizes(), b.sizes());
+            }
         }
     }
 }
