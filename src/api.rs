@@ -81,12 +81,6 @@ impl Checker {
             }
             Err(r) => return Decision::Inactive { reason: r.reason() },
         };
-        let fresh = self.freshness.view();
-        let stale = fresh.stale;
-        if stale && self.freshness.policy() != OnStale::Allow {
-            // `introspect` falls back to deny until the introspection client exists.
-            return Decision::Undecided { reason: "stale" };
-        }
         let r = TokenRef {
             iss: &verified.iss,
             jti: verified.jti.as_deref(),
@@ -95,21 +89,69 @@ impl Checker {
             client_id: verified.client_id.as_deref(),
             iat: verified.iat,
         };
+        // A revocation found is definitive however stale the store is: revocations only
+        // ever add. Staleness only matters for a token the denylist does not cover.
         match self.denylist.revoked_by(&r) {
-            Ok(None) => Decision::Active {
-                token: verified,
-                stale,
-            },
+            Ok(None) => {}
             Ok(Some(by)) => {
                 tracing::debug!(iss = %verified.iss, jti = ?verified.jti, revoked_by = by, "revoked token presented");
-                Decision::Inactive { reason: "revoked" }
+                return Decision::Inactive { reason: "revoked" };
             }
             Err(e) => {
                 self.metrics.store_errors.inc();
                 tracing::error!(error = %e, "denylist read failed");
-                Decision::Undecided { reason: "stale" }
+                return Decision::Undecided { reason: "stale" };
             }
         }
+        if !self.freshness.view().stale {
+            return Decision::Active {
+                token: verified,
+                stale: false,
+            };
+        }
+        match self.freshness.policy() {
+            OnStale::Allow => Decision::Active {
+                token: verified,
+                stale: true,
+            },
+            OnStale::Deny => Decision::Undecided { reason: "stale" },
+            OnStale::Introspect => self.introspect(token, verified).await,
+        }
+    }
+
+    /// The `introspect` policy: the issuer decides; any failure falls back to `deny`.
+    async fn introspect(&self, token: &str, verified: Arc<VerifiedToken>) -> Decision {
+        let Some(introspector) = self.freshness.introspector() else {
+            return Decision::Undecided { reason: "stale" };
+        };
+        let (decision, outcome, reason) = match introspector.is_active(&verified.iss, token).await {
+            Ok(true) => (
+                Decision::Active {
+                    token: verified,
+                    stale: false,
+                },
+                "active",
+                "none",
+            ),
+            Ok(false) => (
+                Decision::Inactive { reason: "revoked" },
+                "inactive",
+                "revoked",
+            ),
+            Err(e) => {
+                tracing::warn!(iss = %verified.iss, error = %e, "introspection failed; denying");
+                (Decision::Undecided { reason: "stale" }, "error", "stale")
+            }
+        };
+        self.metrics
+            .introspections
+            .get_or_create(&CheckLabels {
+                route: "stale_policy",
+                outcome,
+                reason,
+            })
+            .inc();
+        decision
     }
 
     fn record(&self, route: &'static str, decision: &Decision, started: Instant) {

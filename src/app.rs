@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 use crate::api::{self, AppState, Checker};
 use crate::config::Config;
 use crate::denylist::{Denylist, Retention};
-use crate::freshness::Freshness;
+use crate::freshness::{Freshness, Introspector};
 use crate::ingest::{self, IngestState};
 use crate::metrics::{KindLabels, Metrics};
 use crate::token::TokenValidator;
@@ -108,10 +108,17 @@ pub async fn run(
         background.clone(),
     ));
 
+    let mut freshness = Freshness::new(config.freshness.clone(), ingest_state.clone());
+    if config.freshness.on_stale == crate::config::OnStale::Introspect {
+        freshness = freshness.with_introspector(
+            Introspector::new(&config.issuers, &config.freshness)
+                .context("building the introspection client")?,
+        );
+    }
     let checker = Arc::new(Checker {
         validator,
         denylist: denylist.clone(),
-        freshness: Freshness::new(config.freshness.clone(), ingest_state.clone()),
+        freshness,
         ingest: ingest_state,
         metrics,
     });

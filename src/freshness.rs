@@ -16,6 +16,7 @@ use crate::ingest::IngestState;
 pub struct Freshness {
     config: FreshnessConfig,
     ingest: Arc<IngestState>,
+    introspector: Option<Arc<Introspector>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -30,7 +31,25 @@ pub struct FreshnessView {
 
 impl Freshness {
     pub fn new(config: FreshnessConfig, ingest: Arc<IngestState>) -> Self {
-        Self { config, ingest }
+        Self {
+            config,
+            ingest,
+            introspector: None,
+        }
+    }
+
+    /// Adds the RFC 7662 client the `introspect` policy asks.
+    pub fn with_introspector(mut self, introspector: Introspector) -> Self {
+        self.introspector = Some(Arc::new(introspector));
+        self
+    }
+
+    /// The RFC 7662 client, when the policy is `introspect` and one was configured.
+    pub fn introspector(&self) -> Option<&Introspector> {
+        match self.config.on_stale {
+            OnStale::Introspect => self.introspector.as_deref(),
+            _ => None,
+        }
     }
 
     pub fn policy(&self) -> OnStale {
@@ -55,5 +74,84 @@ impl Freshness {
 
     pub fn view(&self) -> FreshnessView {
         self.view_at(crate::unix_now_ms())
+    }
+}
+
+/// RFC 7662 client used under `on_stale = "introspect"`: asks the token's issuer whether
+/// a locally valid token is still active while the denylist cannot vouch for it.
+pub struct Introspector {
+    http: reqwest::Client,
+    endpoints: std::collections::HashMap<String, crate::config::IntrospectionConfig>,
+    /// Answers by token hash; lives no longer than `max_staleness` so a cached
+    /// "active" can never hide a revocation for longer than the bound the operator set.
+    cache: moka::sync::Cache<[u8; 32], bool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IntrospectError {
+    #[error("no introspection endpoint configured for this issuer")]
+    NotConfigured,
+    #[error("introspection request failed: {0}")]
+    Request(String),
+    #[error("introspection endpoint answered HTTP {0}")]
+    Status(u16),
+    #[error("introspection answer is not RFC 7662 JSON")]
+    BadAnswer,
+}
+
+impl Introspector {
+    pub fn new(
+        issuers: &[crate::config::IssuerConfig],
+        freshness: &FreshnessConfig,
+    ) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(freshness.introspection_timeout)
+            .build()?;
+        let ttl = freshness
+            .introspection_cache_ttl
+            .min(freshness.max_staleness)
+            .max(std::time::Duration::from_millis(1));
+        Ok(Self {
+            http,
+            endpoints: issuers
+                .iter()
+                .filter_map(|i| Some((i.issuer.clone(), i.introspection.clone()?)))
+                .collect(),
+            cache: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(ttl)
+                .build(),
+        })
+    }
+
+    /// Whether the issuer says `token` is active.
+    pub async fn is_active(&self, iss: &str, token: &str) -> Result<bool, IntrospectError> {
+        let key = crate::token::token_hash(token);
+        if let Some(active) = self.cache.get(&key) {
+            return Ok(active);
+        }
+        let cfg = self
+            .endpoints
+            .get(iss)
+            .ok_or(IntrospectError::NotConfigured)?;
+        let resp = self
+            .http
+            .post(&cfg.endpoint)
+            .basic_auth(&cfg.client_id, Some(&cfg.client_secret))
+            .form(&[("token", token), ("token_type_hint", "access_token")])
+            .send()
+            .await
+            // reqwest errors may carry the URL, never the form body: safe to show.
+            .map_err(|e| IntrospectError::Request(e.without_url().to_string()))?;
+        if !resp.status().is_success() {
+            return Err(IntrospectError::Status(resp.status().as_u16()));
+        }
+        let body: serde_json::Value = resp.json().await.map_err(|_| IntrospectError::BadAnswer)?;
+        let active = body
+            .get("active")
+            .and_then(|v| v.as_bool())
+            .ok_or(IntrospectError::BadAnswer)?;
+        self.cache.insert(key, active);
+        Ok(active)
     }
 }

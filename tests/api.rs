@@ -100,6 +100,7 @@ impl Harness {
             FreshnessConfig {
                 max_staleness: Duration::from_secs(30),
                 on_stale: opts.on_stale,
+                ..FreshnessConfig::default()
             },
             ingest.clone(),
         );

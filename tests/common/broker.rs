@@ -55,10 +55,12 @@ impl Broker {
     pub fn start(storage: Storage) -> Self {
         let storage_url = match storage {
             Storage::Memory => "memory://tansu/".to_string(),
-            Storage::Sqlite(path) => format!(
-                "sqlite:///{}",
-                path.display().to_string().trim_start_matches('/')
-            ),
+            // Tansu 0.6 resolves what follows "sqlite://" from its working directory unless
+            // it starts with "//": an absolute path needs four slashes in all.
+            Storage::Sqlite(path) => {
+                assert!(path.is_absolute(), "sqlite storage needs an absolute path");
+                format!("sqlite:///{}", path.display())
+            }
         };
         let mut b = Broker {
             child: None,
