@@ -88,14 +88,16 @@ fn wait_for_port(port: u16, timeout: Duration) -> bool {
     false
 }
 
-struct DemoIssuer {
+/// The demo issuer: one ES256 key, its JWKS, and a token mint. Also used by the
+/// benchmarks, which need a real issuer without a test-only key helper.
+pub struct DemoIssuer {
     issuer: String,
     key: EncodingKey,
     jwks: Value,
 }
 
 impl DemoIssuer {
-    fn generate(issuer: String) -> anyhow::Result<Self> {
+    pub fn generate(issuer: String) -> anyhow::Result<Self> {
         let pkcs8 =
             EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
                 .map_err(|_| anyhow::anyhow!("generating the demo key"))?;
@@ -115,6 +117,24 @@ impl DemoIssuer {
             key: EncodingKey::from_ec_der(pkcs8.as_ref()),
             jwks,
         })
+    }
+
+    /// An access token for `sub` with id `jti`, valid for an hour from now.
+    pub fn token(&self, sub: &str, jti: &str) -> anyhow::Result<String> {
+        self.mint(&TokenQuery {
+            sub: Some(sub.into()),
+            jti: Some(jti.into()),
+            sid: None,
+            client_id: None,
+            ttl: None,
+        })
+    }
+
+    /// The issuer's config: this issuer, the demo audience, ES256 only.
+    pub fn config(&self) -> IssuerConfig {
+        let mut iss = IssuerConfig::new(self.issuer.clone(), DEMO_AUDIENCE);
+        iss.algorithms = vec!["ES256".into()];
+        iss
     }
 
     fn mint(&self, q: &TokenQuery) -> anyhow::Result<String> {
@@ -144,7 +164,8 @@ struct TokenQuery {
     ttl: Option<u64>,
 }
 
-fn issuer_router(issuer: Arc<DemoIssuer>) -> Router {
+/// Serves discovery, `/jwks` and `/token?sub=&jti=&sid=&client_id=&ttl=`.
+pub fn issuer_router(issuer: Arc<DemoIssuer>) -> Router {
     Router::new()
         .route(
             "/.well-known/openid-configuration",
@@ -217,8 +238,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
         .with_context(|| format!("binding the demo issuer on port {}", args.issuer_port))?;
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
+    let router = issuer_router(issuer.clone());
     tokio::spawn(async move {
-        let _ = axum::serve(issuer_listener, issuer_router(issuer))
+        let _ = axum::serve(issuer_listener, router)
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await;
     });
@@ -228,9 +250,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
         args.dir.join("store"),
     );
     config.http.listen = format!("127.0.0.1:{}", args.port);
-    let mut iss = IssuerConfig::new(issuer_url.clone(), DEMO_AUDIENCE);
-    iss.algorithms = vec!["ES256".into()];
-    config.issuers.push(iss);
+    config.issuers.push(issuer.config());
     config.validate()?;
     std::fs::write(args.dir.join("revsync.toml"), config.to_redacted_toml())?;
     let listener = crate::app::Listener::bind(&config.http.listen).await?;

@@ -1,0 +1,1119 @@
+//! Check-path figures over real HTTP on loopback (keep-alive), against the issue's goals:
+//! (a) a cache hit costs within 1.5× of an empty handler on the same axum stack (c);
+//! (b) a first-seen token costs within 1.3× of the raw signature verification plus (c).
+//! Prints numbers and goal verdicts; fails only when an answer is wrong (a broken path
+//! must not produce a fast figure).
+//!
+//! ```text
+//! cargo bench --bench check                                          # 1 s warm-up + 5 s per run
+//! REVSYNC_BENCH_SECS=1 REVSYNC_BENCH_WARMUP=0.2 cargo bench --bench check   # smoke run
+//! ```
+//!
+//! Environment:
+//! - `REVSYNC_BENCH_SECS` (default 5): measured seconds per run;
+//! - `REVSYNC_BENCH_WARMUP` (default 1): warm-up seconds per run (not recorded);
+//! - `REVSYNC_BENCH_TOKENS` (default: from a probe): unique tokens minted per algorithm
+//!   for the first-seen runs; by default a 0.5 s probe at concurrency 16 measures the
+//!   rate and enough tokens are minted for every run of that algorithm (+30%);
+//! - `REVSYNC_BENCH_REVOKED` (default 10000): token revocations in the denylist;
+//! - `REVSYNC_BENCH_RAW_ITERS` (default 20000): iterations of the raw verification;
+//! - `REVSYNC_BENCH_CONCURRENCY` (default `1,16`): client connections per run;
+//! - `REVSYNC_BENCH_SCENARIOS` (default `c,a,d,b1,b2`): which scenarios to run.
+//!
+//! Set-up, all in this process: a tokio multi-thread runtime (one worker per CPU, threads
+//! named `srv-worker`) runs a JWKS server (RSA-2048 for RS256, P-256 for ES256) and the
+//! real `revsync::api::router` with one issuer, a temporary sled denylist, the ingest
+//! state marked caught up (max staleness 24 h) and a verified-token cache of 100k, plus
+//! `POST /empty` (a static JSON answer) on the same router and listener: the floor (c).
+//! Clients are plain threads (`bench-cli-N`), one keep-alive connection each, speaking
+//! minimal HTTP/1.1 over `std::net::TcpStream`; every answer's status and body are
+//! checked. Besides latency and throughput, the CPU time of the server threads and of
+//! the client threads (`/proc/<tid>/schedstat`) over the measured window is divided by
+//! the requests measured, which separates the server's cost from the client's on a
+//! machine where both share the cores.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{self as sig, EcdsaKeyPair, KeyPair as _, ParsedPublicKey};
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::Router;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use jsonwebtoken::{Algorithm, DecodingKey};
+use revsync::api::{AppState, Checker};
+use revsync::config::{FreshnessConfig, IssuerConfig, OnStale};
+use revsync::denylist::{Denylist, Retention};
+use revsync::event::{Event, Revocation};
+use revsync::freshness::Freshness;
+use revsync::ingest::IngestState;
+use revsync::metrics::Metrics;
+use revsync::token::TokenValidator;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const AUD: &str = "bench-api";
+const CACHE_CAPACITY: u64 = 100_000;
+const EMPTY_BODY: &str = r#"{"active":true}"#;
+const SERVER_THREADS: &str = "srv-worker";
+const CLIENT_THREADS: &str = "bench-cli-";
+const PROBE_TOKENS: usize = 5_000;
+const PROBE_SECS: f64 = 0.5;
+
+// ---------------------------------------------------------------------------------------
+// Environment
+
+fn env_f64(name: &str, default: f64) -> f64 {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v}: not a number")),
+        Err(_) => default,
+    }
+}
+
+fn env_count(name: &str) -> Option<usize> {
+    std::env::var(name).ok().map(|v| {
+        v.replace('_', "")
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v}: not a count"))
+    })
+}
+
+fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .split(',')
+            .map(|s| {
+                s.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{name}={v}: not a list of counts"))
+            })
+            .collect(),
+        Err(_) => default.to_vec(),
+    }
+}
+
+struct Settings {
+    warmup: Duration,
+    measure: Duration,
+    tokens: Option<usize>,
+    revoked: usize,
+    raw_iters: usize,
+    concurrency: Vec<usize>,
+    scenarios: Vec<String>,
+    cores: usize,
+}
+
+impl Settings {
+    fn wants(&self, scenario: &str) -> bool {
+        // "(b1) first-seen RS256" → "b1"
+        let tag = scenario[1..].split(')').next().unwrap_or("");
+        self.scenarios.iter().any(|s| s == tag)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Keys and tokens (signing with aws-lc-rs directly: jsonwebtoken re-parses an RSA private
+// key on every signature, which would make minting far slower)
+
+/// (tag, content, rest) of one DER TLV.
+fn der_tlv(input: &[u8]) -> (u8, &[u8], &[u8]) {
+    let tag = input[0];
+    let (len, head) = if input[1] & 0x80 == 0 {
+        (input[1] as usize, 2)
+    } else {
+        let n = (input[1] & 0x7f) as usize;
+        let len = input[2..2 + n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        (len, 2 + n)
+    };
+    (tag, &input[head..head + len], &input[head + len..])
+}
+
+/// (n, e) of a PKCS#1 `RSAPublicKey`, without leading zero bytes.
+fn rsa_public_components(der: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let (_, seq, _) = der_tlv(der);
+    let (_, n, rest) = der_tlv(seq);
+    let (_, e, _) = der_tlv(rest);
+    let strip = |b: &[u8]| b[b.iter().position(|x| *x != 0).unwrap_or(b.len())..].to_vec();
+    (strip(n), strip(e))
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+enum SigningKey {
+    Rsa(aws_lc_rs::rsa::KeyPair),
+    Ec(EcdsaKeyPair),
+}
+
+/// A signing key with everything the bench needs about its public half.
+struct BenchKey {
+    alg: Algorithm,
+    name: &'static str,
+    signing: SigningKey,
+    /// base64url of `{"alg", "typ": "JWT", "kid"}`.
+    header_b64: String,
+    jwk: serde_json::Value,
+    /// What revsync builds from the JWK (`token.rs`, `parse_jwk`).
+    decoding: DecodingKey,
+    /// The same public key parsed once by aws-lc-rs.
+    parsed: ParsedPublicKey,
+}
+
+impl BenchKey {
+    fn rsa(kid: &str) -> Self {
+        let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+        let public = pair.public_key().as_ref().to_vec();
+        let (n, e) = rsa_public_components(&public);
+        let jwk = json!({
+            "kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256",
+            "n": b64url(&n), "e": b64url(&e),
+        });
+        BenchKey {
+            alg: Algorithm::RS256,
+            name: "RS256",
+            signing: SigningKey::Rsa(pair),
+            header_b64: b64url(
+                json!({"alg": "RS256", "typ": "JWT", "kid": kid})
+                    .to_string()
+                    .as_bytes(),
+            ),
+            jwk,
+            decoding: DecodingKey::from_rsa_raw_components(&n, &e),
+            parsed: ParsedPublicKey::new(&sig::RSA_PKCS1_2048_8192_SHA256, &public).unwrap(),
+        }
+    }
+
+    fn p256(kid: &str) -> Self {
+        let signing = &sig::ECDSA_P256_SHA256_FIXED_SIGNING;
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(signing, &SystemRandom::new()).unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(signing, pkcs8.as_ref()).unwrap();
+        let point = pair.public_key().as_ref().to_vec();
+        let (x, y) = (b64url(&point[1..33]), b64url(&point[33..65]));
+        let jwk = json!({
+            "kty": "EC", "kid": kid, "use": "sig", "alg": "ES256", "crv": "P-256",
+            "x": x, "y": y,
+        });
+        BenchKey {
+            alg: Algorithm::ES256,
+            name: "ES256",
+            signing: SigningKey::Ec(pair),
+            header_b64: b64url(
+                json!({"alg": "ES256", "typ": "JWT", "kid": kid})
+                    .to_string()
+                    .as_bytes(),
+            ),
+            jwk,
+            decoding: DecodingKey::from_ec_components(&x, &y).unwrap(),
+            parsed: ParsedPublicKey::new(&sig::ECDSA_P256_SHA256_FIXED, &point).unwrap(),
+        }
+    }
+
+    /// A compact JWS over `claims` (JSON text).
+    fn sign(&self, claims: &str) -> String {
+        let mut token = String::with_capacity(self.header_b64.len() + claims.len() * 4 / 3 + 400);
+        token.push_str(&self.header_b64);
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(claims.as_bytes(), &mut token);
+        let signature = match &self.signing {
+            SigningKey::Rsa(pair) => {
+                let mut s = vec![0; pair.public_modulus_len()];
+                pair.sign(
+                    &sig::RSA_PKCS1_SHA256,
+                    &SystemRandom::new(),
+                    token.as_bytes(),
+                    &mut s,
+                )
+                .unwrap();
+                s
+            }
+            SigningKey::Ec(pair) => pair
+                .sign(&SystemRandom::new(), token.as_bytes())
+                .unwrap()
+                .as_ref()
+                .to_vec(),
+        };
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(&signature, &mut token);
+        token
+    }
+}
+
+/// Access-token claims of a typical shape (valid for an hour).
+fn claims(iss: &str, jti: &str) -> String {
+    let now = revsync::unix_now();
+    format!(
+        r#"{{"iss":"{iss}","aud":"{AUD}","sub":"alice","client_id":"bench-app","scope":"read write","jti":"{jti}","iat":{now},"exp":{}}}"#,
+        now + 3600
+    )
+}
+
+/// `n` unique tokens (jti `{prefix}-{i}` for `i` in `from..from + n`), signed on every core.
+fn mint(
+    key: &BenchKey,
+    iss: &str,
+    prefix: &str,
+    from: usize,
+    n: usize,
+    cores: usize,
+) -> Vec<String> {
+    let per = n.div_ceil(cores.max(1)).max(1);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = (0..n)
+            .step_by(per)
+            .map(|start| {
+                let end = (start + per).min(n);
+                s.spawn(move || {
+                    (start..end)
+                        .map(|i| key.sign(&claims(iss, &format!("{prefix}-{:09}", from + i))))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|h| h.join().expect("minting thread"))
+            .collect()
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw signature verification
+
+/// µs per `jsonwebtoken::crypto::verify` (what `token.rs` calls) and per
+/// `ParsedPublicKey::verify_sig` (key parsed once), over `iters` iterations each.
+fn raw_verify(key: &BenchKey, token: &str, iters: usize) -> (f64, f64) {
+    let (message, signature) = token.rsplit_once('.').unwrap();
+    let iters = iters.max(1);
+    for _ in 0..iters.min(200) {
+        assert!(jsonwebtoken::crypto::verify(
+            signature,
+            message.as_bytes(),
+            &key.decoding,
+            key.alg
+        )
+        .unwrap());
+    }
+    let t = Instant::now();
+    for _ in 0..iters {
+        let ok = jsonwebtoken::crypto::verify(
+            std::hint::black_box(signature),
+            std::hint::black_box(message.as_bytes()),
+            &key.decoding,
+            key.alg,
+        );
+        assert!(ok.unwrap(), "raw verification failed");
+    }
+    let jwt_us = t.elapsed().as_secs_f64() * 1e6 / iters as f64;
+    let t = Instant::now();
+    for _ in 0..iters {
+        let bytes = URL_SAFE_NO_PAD
+            .decode(std::hint::black_box(signature))
+            .unwrap();
+        key.parsed
+            .verify_sig(std::hint::black_box(message.as_bytes()), &bytes)
+            .expect("raw verification failed");
+    }
+    let parsed_us = t.elapsed().as_secs_f64() * 1e6 / iters as f64;
+    (jwt_us, parsed_us)
+}
+
+// ---------------------------------------------------------------------------------------
+// Server side
+
+struct Server {
+    addr: SocketAddr,
+    iss: String,
+    metrics: Arc<Metrics>,
+    sizes: revsync::denylist::Sizes,
+}
+
+async fn empty() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], EMPTY_BODY)
+}
+
+async fn start_server(keys: &[&BenchKey], revoked_jtis: &[String]) -> (Server, CancellationToken) {
+    // The JWKS server.
+    let jwks: &'static str = Box::leak(
+        json!({"keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()})
+            .to_string()
+            .into_boxed_str(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let jwks_addr = listener.local_addr().unwrap();
+    let app = Router::new().route(
+        "/jwks",
+        get(move || async move { ([(header::CONTENT_TYPE, "application/json")], jwks) }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let iss = format!("http://{jwks_addr}");
+    let mut issuer = IssuerConfig::new(iss.clone(), AUD);
+    issuer.jwks_uri = Some(format!("{iss}/jwks"));
+    issuer.algorithms = vec!["RS256".into(), "ES256".into()];
+    let metrics = Arc::new(Metrics::new());
+    let shutdown = CancellationToken::new();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let validator = TokenValidator::start(
+        &[issuer],
+        http,
+        metrics.clone(),
+        CACHE_CAPACITY,
+        shutdown.clone(),
+    )
+    .await;
+    assert!(validator.keys_loaded(), "JWKS not loaded");
+
+    let denylist = Arc::new(
+        Denylist::temporary(Retention::new(
+            Duration::from_secs(24 * 3600),
+            Duration::from_secs(30),
+        ))
+        .unwrap(),
+    );
+    let now = revsync::unix_now();
+    let token_events = revoked_jtis.iter().map(|jti| Revocation::Token {
+        iss: iss.clone(),
+        jti: jti.clone(),
+        exp: Some(now + 3600),
+    });
+    // A few subject revocations of other users, so the `sub` lookup meets a populated
+    // key range.
+    let subject_events = (0..100).map(|i| Revocation::Subject {
+        iss: iss.clone(),
+        sub: format!("user-{i}"),
+        not_before: now,
+    });
+    let events: Vec<Event> = token_events
+        .chain(subject_events)
+        .enumerate()
+        .map(|(i, revocation)| Event {
+            id: format!("ev-{i}"),
+            event_time: now,
+            revocation,
+            reason: None,
+        })
+        .collect();
+    for chunk in events.chunks(10_000) {
+        let outcome = denylist.apply(chunk, &[], now).unwrap();
+        assert_eq!(outcome.changed, chunk.len());
+    }
+    let sizes = denylist.sizes();
+
+    let ingest = IngestState::new();
+    ingest.record_caught_up(revsync::unix_now_ms());
+    let freshness = Freshness::new(
+        FreshnessConfig {
+            max_staleness: Duration::from_secs(24 * 3600),
+            on_stale: OnStale::Deny,
+            ..FreshnessConfig::default()
+        },
+        ingest.clone(),
+    );
+    let checker = Arc::new(Checker {
+        validator,
+        denylist,
+        freshness,
+        ingest,
+        metrics: metrics.clone(),
+    });
+    let app = revsync::api::router(AppState {
+        checker,
+        max_body_bytes: 16 * 1024,
+    })
+    .route("/empty", post(empty));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (
+        Server {
+            addr,
+            iss,
+            metrics,
+            sizes,
+        },
+        shutdown,
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Client side: minimal HTTP/1.1 keep-alive
+
+struct Client {
+    stream: TcpStream,
+    host: String,
+    req: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    fn connect(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_nodelay(true).unwrap();
+        Client {
+            stream,
+            host: addr.to_string(),
+            req: Vec::with_capacity(2048),
+            buf: vec![0; 8192],
+        }
+    }
+
+    /// One request; returns the status and the body.
+    fn post(&mut self, path: &str, token: &str) -> (u16, &[u8]) {
+        self.req.clear();
+        self.req.extend_from_slice(b"POST ");
+        self.req.extend_from_slice(path.as_bytes());
+        self.req.extend_from_slice(b" HTTP/1.1\r\nHost: ");
+        self.req.extend_from_slice(self.host.as_bytes());
+        self.req.extend_from_slice(b"\r\nAuthorization: Bearer ");
+        self.req.extend_from_slice(token.as_bytes());
+        self.req.extend_from_slice(b"\r\nContent-Length: 0\r\n\r\n");
+        self.stream.write_all(&self.req).expect("write request");
+
+        let mut filled = 0;
+        let head_end = loop {
+            if filled == self.buf.len() {
+                self.buf.resize(self.buf.len() * 2, 0);
+            }
+            let n = self
+                .stream
+                .read(&mut self.buf[filled..])
+                .expect("read response");
+            assert!(n > 0, "server closed the connection");
+            let from = filled.saturating_sub(3);
+            filled += n;
+            if let Some(p) = self.buf[from..filled]
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+            {
+                break from + p + 4;
+            }
+        };
+        let head = &self.buf[..head_end];
+        assert!(head.starts_with(b"HTTP/1.1 "), "not an HTTP/1.1 answer");
+        let status = std::str::from_utf8(&head[9..12])
+            .ok()
+            .and_then(|s| s.parse::<u16>().ok())
+            .expect("status code");
+        let len = head
+            .split(|b| *b == b'\n')
+            .find_map(|line| {
+                let (name, value) = line.split_at(line.iter().position(|b| *b == b':')?);
+                name.eq_ignore_ascii_case(b"content-length")
+                    .then(|| {
+                        std::str::from_utf8(&value[1..])
+                            .ok()?
+                            .trim()
+                            .parse::<usize>()
+                            .ok()
+                    })
+                    .flatten()
+            })
+            .expect("answer without Content-Length");
+        let total = head_end + len;
+        if self.buf.len() < total {
+            self.buf.resize(total, 0);
+        }
+        while filled < total {
+            let n = self
+                .stream
+                .read(&mut self.buf[filled..total])
+                .expect("read body");
+            assert!(n > 0, "server closed the connection");
+            filled += n;
+        }
+        assert_eq!(filled, total, "bytes after the answer");
+        (status, &self.buf[head_end..total])
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Empty,
+    Active,
+    Revoked,
+}
+
+fn check_answer(expect: Expect, status: u16, body: &[u8]) {
+    let ok = status == 200
+        && match expect {
+            Expect::Empty => body == EMPTY_BODY.as_bytes(),
+            Expect::Active => {
+                contains(body, br#""active":true"#) && contains(body, br#""sub":"alice""#)
+            }
+            Expect::Revoked => {
+                contains(body, br#""active":false"#) && contains(body, br#""reason":"revoked""#)
+            }
+        };
+    assert!(
+        ok,
+        "unexpected answer: status {status}, body {}",
+        String::from_utf8_lossy(body)
+    );
+}
+
+#[derive(Clone, Copy)]
+enum Tokens<'a> {
+    /// The same token every time.
+    Same(&'a str),
+    /// Each request takes the next unused token of the pool.
+    Pool(&'a [String], &'a AtomicUsize),
+}
+
+// ---------------------------------------------------------------------------------------
+// CPU time per thread (`/proc/<tid>/schedstat`: nanoseconds on CPU)
+
+fn schedstat_ns(dir: &std::path::Path) -> u64 {
+    std::fs::read_to_string(dir.join("schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Total CPU time of this process's threads whose name starts with `prefix`.
+fn threads_cpu_ns(prefix: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
+        })
+        .map(|t| schedstat_ns(&t.path()))
+        .sum()
+}
+
+fn own_cpu_ns() -> u64 {
+    schedstat_ns(std::path::Path::new("/proc/thread-self"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Runs
+
+struct Run {
+    scenario: &'static str,
+    concurrency: usize,
+    /// Requests started inside the measured window.
+    requests: usize,
+    /// Every request of the run, warm-up included.
+    issued: usize,
+    window: Duration,
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    srv_us: f64,
+    cli_us: f64,
+    /// Seconds into the measured window at which the token pool ran out.
+    exhausted_at: Option<f64>,
+    cache_misses: u64,
+}
+
+struct ClientOut {
+    latencies_ns: Vec<u64>,
+    issued: usize,
+    cpu_ns: u64,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn client_loop(
+    addr: SocketAddr,
+    path: &str,
+    expect: Expect,
+    tokens: Tokens<'_>,
+    measure_from: Instant,
+    deadline: Instant,
+    exhausted: &OnceLock<Instant>,
+) -> ClientOut {
+    let mut client = Client::connect(addr);
+    let mut latencies_ns = Vec::with_capacity(1 << 16);
+    let mut issued = 0;
+    let mut cpu_start = None;
+    loop {
+        let t0 = Instant::now();
+        if t0 >= deadline || exhausted.get().is_some() {
+            break;
+        }
+        let measured = t0 >= measure_from;
+        if measured && cpu_start.is_none() {
+            cpu_start = Some(own_cpu_ns());
+        }
+        let token = match tokens {
+            Tokens::Same(t) => t,
+            Tokens::Pool(pool, next) => match pool.get(next.fetch_add(1, Ordering::Relaxed)) {
+                Some(t) => t.as_str(),
+                None => {
+                    exhausted.get_or_init(Instant::now);
+                    break;
+                }
+            },
+        };
+        let t0 = Instant::now();
+        let (status, body) = client.post(path, token);
+        let elapsed = t0.elapsed();
+        check_answer(expect, status, body);
+        issued += 1;
+        if measured {
+            latencies_ns.push(elapsed.as_nanos() as u64);
+        }
+    }
+    ClientOut {
+        latencies_ns,
+        issued,
+        cpu_ns: cpu_start.map_or(0, |s| own_cpu_ns().saturating_sub(s)),
+    }
+}
+
+fn percentile_us(sorted_ns: &[u64], p: f64) -> f64 {
+    if sorted_ns.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted_ns.len() as f64 * p) as usize).min(sorted_ns.len() - 1);
+    sorted_ns[i] as f64 / 1000.0
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    server: &Server,
+    scenario: &'static str,
+    path: &str,
+    expect: Expect,
+    tokens: Tokens<'_>,
+    concurrency: usize,
+    warmup: Duration,
+    measure: Duration,
+) -> Run {
+    let misses_before = server.metrics.cache_misses.get();
+    let exhausted = OnceLock::new();
+    let start = Instant::now();
+    let measure_from = start + warmup;
+    let deadline = measure_from + measure;
+    let (outs, srv_ns) = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..concurrency)
+            .map(|i| {
+                let exhausted = &exhausted;
+                std::thread::Builder::new()
+                    .name(format!("{CLIENT_THREADS}{i}"))
+                    .spawn_scoped(s, move || {
+                        client_loop(
+                            server.addr,
+                            path,
+                            expect,
+                            tokens,
+                            measure_from,
+                            deadline,
+                            exhausted,
+                        )
+                    })
+                    .unwrap()
+            })
+            .collect();
+        std::thread::sleep(measure_from.saturating_duration_since(Instant::now()));
+        let srv0 = threads_cpu_ns(SERVER_THREADS);
+        let outs: Vec<ClientOut> = handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect();
+        (outs, threads_cpu_ns(SERVER_THREADS).saturating_sub(srv0))
+    });
+    let end = exhausted
+        .get()
+        .copied()
+        .map_or(deadline, |t| t.min(deadline));
+    let window = end.saturating_duration_since(measure_from);
+    let mut lat: Vec<u64> = outs
+        .iter()
+        .flat_map(|o| o.latencies_ns.iter().copied())
+        .collect();
+    lat.sort_unstable();
+    let requests = lat.len();
+    let issued = outs.iter().map(|o| o.issued).sum();
+    let cli_ns: u64 = outs.iter().map(|o| o.cpu_ns).sum();
+    let per_req = |ns: u64| {
+        if requests == 0 {
+            f64::NAN
+        } else {
+            ns as f64 / 1000.0 / requests as f64
+        }
+    };
+    Run {
+        scenario,
+        concurrency,
+        requests,
+        issued,
+        window,
+        rps: requests as f64 / window.as_secs_f64(),
+        p50_us: percentile_us(&lat, 0.50),
+        p99_us: percentile_us(&lat, 0.99),
+        srv_us: per_req(srv_ns),
+        cli_us: per_req(cli_ns),
+        exhausted_at: exhausted
+            .get()
+            .map(|t| t.saturating_duration_since(measure_from).as_secs_f64()),
+        cache_misses: server.metrics.cache_misses.get() - misses_before,
+    }
+}
+
+fn print_run(r: &Run) {
+    println!(
+        "{:<34} {:>4} {:>9} {:>10.0} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>6.2}{}",
+        r.scenario,
+        r.concurrency,
+        r.requests,
+        r.rps,
+        r.p50_us,
+        r.p99_us,
+        r.srv_us,
+        r.cli_us,
+        (r.srv_us + r.cli_us) * r.rps / 1e6,
+        match r.exhausted_at {
+            Some(t) => format!("  (token pool ran out {t:.2} s into the window)"),
+            None => String::new(),
+        }
+    );
+}
+
+/// First-seen runs of one algorithm: probe (unless the pool size is given), mint, run
+/// every concurrency; asserts every request of these runs was a cache miss.
+fn first_seen(
+    server: &Server,
+    settings: &Settings,
+    key: &BenchKey,
+    scenario: &'static str,
+    notes: &mut Vec<String>,
+) -> Vec<Run> {
+    let cores = settings.cores;
+    let prefix = format!("{}-{}", key.name, std::process::id());
+    let per_run = settings.warmup + settings.measure;
+    let (count, why) = match settings.tokens {
+        Some(n) => (n, "REVSYNC_BENCH_TOKENS".to_string()),
+        None => {
+            let t = Instant::now();
+            let probe_pool = mint(
+                key,
+                &server.iss,
+                &format!("{prefix}-probe"),
+                0,
+                PROBE_TOKENS,
+                cores,
+            );
+            let sign_rate = PROBE_TOKENS as f64 / t.elapsed().as_secs_f64();
+            let next = AtomicUsize::new(0);
+            let probe_concurrency = settings.concurrency.iter().copied().max().unwrap_or(1);
+            let probe = run(
+                server,
+                scenario,
+                "/v1/check",
+                Expect::Active,
+                Tokens::Pool(&probe_pool, &next),
+                probe_concurrency,
+                Duration::ZERO,
+                Duration::from_secs_f64(PROBE_SECS),
+            );
+            assert_eq!(
+                probe.cache_misses, probe.issued as u64,
+                "probe requests were not all cache misses"
+            );
+            let need = (probe.rps * per_run.as_secs_f64() * 1.3).ceil() as usize
+                * settings.concurrency.len();
+            let need = need.max(1000);
+            (
+                need,
+                format!(
+                    "probe: {:.0} req/s at concurrency {probe_concurrency} over {:.2} s; signing rate {:.0}/s on {cores} threads",
+                    probe.rps,
+                    probe.window.as_secs_f64(),
+                    sign_rate
+                ),
+            )
+        }
+    };
+    let t = Instant::now();
+    let pool = mint(key, &server.iss, &prefix, 0, count, cores);
+    notes.push(format!(
+        "{scenario}: minted {count} unique {} tokens in {:.1} s ({why})",
+        key.name,
+        t.elapsed().as_secs_f64()
+    ));
+    let next = AtomicUsize::new(0);
+    settings
+        .concurrency
+        .iter()
+        .map(|&c| {
+            let r = run(
+                server,
+                scenario,
+                "/v1/check",
+                Expect::Active,
+                Tokens::Pool(&pool, &next),
+                c,
+                settings.warmup,
+                settings.measure,
+            );
+            assert_eq!(
+                r.cache_misses, r.issued as u64,
+                "{scenario}: not every request was a cache miss"
+            );
+            print_run(&r);
+            r
+        })
+        .collect()
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn verdict(ratio: f64, goal: f64) -> String {
+    if ratio <= goal {
+        format!("{ratio:.2}x  met (goal <= {goal}x)")
+    } else {
+        format!(
+            "{ratio:.2}x  MISSED (goal <= {goal}x, {:.0}% over)",
+            (ratio / goal - 1.0) * 100.0
+        )
+    }
+}
+
+fn find<'a>(runs: &'a [Run], scenario: &str, c: usize) -> Option<&'a Run> {
+    runs.iter()
+        .find(|r| r.scenario == scenario && r.concurrency == c)
+}
+
+fn main() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let settings = Settings {
+        warmup: Duration::from_secs_f64(env_f64("REVSYNC_BENCH_WARMUP", 1.0)),
+        measure: Duration::from_secs_f64(env_f64("REVSYNC_BENCH_SECS", 5.0)),
+        tokens: env_count("REVSYNC_BENCH_TOKENS"),
+        revoked: env_count("REVSYNC_BENCH_REVOKED").unwrap_or(10_000).max(1),
+        raw_iters: env_count("REVSYNC_BENCH_RAW_ITERS").unwrap_or(20_000),
+        concurrency: env_list("REVSYNC_BENCH_CONCURRENCY", &[1, 16]),
+        scenarios: std::env::var("REVSYNC_BENCH_SCENARIOS")
+            .unwrap_or_else(|_| "c,a,d,b1,b2".into())
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .collect(),
+        cores,
+    };
+
+    println!("revsync check-path benchmark: cargo bench --bench check");
+    println!(
+        "machine: nproc {cores}, CPU {}, load average at start {}",
+        cpu_model(),
+        loadavg()
+    );
+    println!(
+        "runs: {:.1} s warm-up + {:.1} s measured each; concurrency {:?} (one keep-alive connection per client thread)",
+        settings.warmup.as_secs_f64(),
+        settings.measure.as_secs_f64(),
+        settings.concurrency
+    );
+    println!(
+        "note: server ({cores} tokio workers) and all client threads share the same {cores} cores, so \
+         concurrency 16 is CPU-bound and its throughput includes the clients' own CPU; \
+         'srv CPU' is the server threads' CPU time per request, 'cli CPU' the clients', \
+         'cores used' their sum times req/s (below {cores} = idle time or CPU taken by other processes)."
+    );
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores)
+        .thread_name(SERVER_THREADS)
+        .enable_all()
+        .build()
+        .unwrap();
+
+    let t = Instant::now();
+    let rsa = BenchKey::rsa("bench-rsa");
+    let ec = BenchKey::p256("bench-ec");
+    let revoked_jti = "revoked-0".to_string();
+    let revoked: Vec<String> = std::iter::once(revoked_jti.clone())
+        .chain((1..settings.revoked).map(|i| format!("revoked-{i}")))
+        .collect();
+    let (server, shutdown) = rt.block_on(start_server(&[&rsa, &ec], &revoked));
+    println!(
+        "set-up: RSA-2048 (RS256) and P-256 (ES256) keys, JWKS loaded over HTTP, denylist {} token + {} subject revocations, cache capacity {CACHE_CAPACITY}, in {:.1} s",
+        server.sizes.token,
+        server.sizes.subject,
+        t.elapsed().as_secs_f64()
+    );
+
+    // Raw verification, single thread, no HTTP.
+    let rs_token = rsa.sign(&claims(&server.iss, "raw-rs"));
+    let es_token = ec.sign(&claims(&server.iss, "raw-es"));
+    let (rs_raw, rs_parsed) = raw_verify(&rsa, &rs_token, settings.raw_iters);
+    let (es_raw, es_parsed) = raw_verify(&ec, &es_token, settings.raw_iters);
+    println!();
+    println!(
+        "raw signature verification, one thread, {} iterations each:",
+        settings.raw_iters
+    );
+    println!(
+        "  RS256  jsonwebtoken::crypto::verify {rs_raw:>7.2} µs/op   (aws-lc-rs ParsedPublicKey, key parsed once: {rs_parsed:.2} µs/op)"
+    );
+    println!(
+        "  ES256  jsonwebtoken::crypto::verify {es_raw:>7.2} µs/op   (aws-lc-rs ParsedPublicKey, key parsed once: {es_parsed:.2} µs/op)"
+    );
+
+    println!();
+    println!(
+        "{:<34} {:>4} {:>9} {:>10} {:>9} {:>9} {:>10} {:>10} {:>6}",
+        "scenario", "conc", "requests", "req/s", "p50 µs", "p99 µs", "srv CPU", "cli CPU", "cores"
+    );
+    println!(
+        "{:<34} {:>4} {:>9} {:>10} {:>9} {:>9} {:>10} {:>10} {:>6}",
+        "", "", "", "", "", "", "µs/req", "µs/req", "used"
+    );
+    let mut runs = Vec::new();
+    let mut notes = Vec::new();
+    let fixed = [
+        (
+            "(c) empty handler POST /empty",
+            "/empty",
+            Expect::Empty,
+            rs_token.as_str(),
+        ),
+        (
+            "(a) repeated token (cache hit)",
+            "/v1/check",
+            Expect::Active,
+            rs_token.as_str(),
+        ),
+    ];
+    let revoked_token = rsa.sign(&claims(&server.iss, &revoked_jti));
+    for (scenario, path, expect, token) in fixed.into_iter().chain([(
+        "(d) revoked token (cache hit)",
+        "/v1/check",
+        Expect::Revoked,
+        revoked_token.as_str(),
+    )]) {
+        if !settings.wants(scenario) {
+            continue;
+        }
+        for &c in &settings.concurrency {
+            let r = run(
+                &server,
+                scenario,
+                path,
+                expect,
+                Tokens::Same(token),
+                c,
+                settings.warmup,
+                settings.measure,
+            );
+            assert!(
+                r.cache_misses <= 1,
+                "{scenario}: repeated token missed the cache"
+            );
+            print_run(&r);
+            runs.push(r);
+        }
+    }
+    for (key, scenario) in [
+        (&rsa, "(b1) first-seen RS256"),
+        (&ec, "(b2) first-seen ES256"),
+    ] {
+        if settings.wants(scenario) {
+            runs.extend(first_seen(&server, &settings, key, scenario, &mut notes));
+        }
+    }
+    for n in &notes {
+        println!("{n}");
+    }
+    println!(
+        "every answer was checked (status 200; active, revoked or the static body); every first-seen request was a cache miss (metric revsync_cache_misses)"
+    );
+
+    println!();
+    println!("goals (issue): (a) cache hit within 1.5x of (c)'s cost; (b) first-seen within 1.3x of raw signature cost + (c)");
+    let c_name = "(c) empty handler POST /empty";
+    for &c in &settings.concurrency {
+        let (Some(base), Some(a)) = (
+            find(&runs, c_name, c),
+            find(&runs, "(a) repeated token (cache hit)", c),
+        ) else {
+            continue;
+        };
+        println!("concurrency {c}:");
+        println!(
+            "  (a)/(c) by p50 latency          {}",
+            verdict(a.p50_us / base.p50_us, 1.5)
+        );
+        println!(
+            "  (a)/(c) by throughput           {}",
+            verdict(base.rps / a.rps, 1.5)
+        );
+        println!(
+            "  (a)/(c) by server CPU per req   {}",
+            verdict(a.srv_us / base.srv_us, 1.5)
+        );
+        for (scenario, raw) in [
+            ("(b1) first-seen RS256", rs_raw),
+            ("(b2) first-seen ES256", es_raw),
+        ] {
+            let Some(b) = find(&runs, scenario, c) else {
+                continue;
+            };
+            let tag = &scenario[..4];
+            println!(
+                "  {tag}/(raw + c) by p50          {}   [{:.1} / ({raw:.1} + {:.1})]",
+                verdict(b.p50_us / (raw + base.p50_us), 1.3),
+                b.p50_us,
+                base.p50_us
+            );
+            // Whole-machine cost per request: all cores busy (CPU-bound at high
+            // concurrency), so cores / throughput core-µs, clients included.
+            let cost = |r: &Run| cores as f64 * 1e6 / r.rps;
+            println!(
+                "  {tag}/(raw + c) by throughput   {}   [{:.1} / ({raw:.1} + {:.1}) core-µs/req]",
+                verdict(cost(b) / (raw + cost(base)), 1.3),
+                cost(b),
+                cost(base)
+            );
+            println!(
+                "  {tag}/(raw + c) by server CPU   {}   [{:.1} / ({raw:.1} + {:.1}) µs/req]",
+                verdict(b.srv_us / (raw + base.srv_us), 1.3),
+                b.srv_us,
+                base.srv_us
+            );
+        }
+    }
+    println!(
+        "(throughput cost = {cores} cores / req/s, meaningful when the run is CPU-bound, i.e. at concurrency 16; \
+         at concurrency 1 the p50 is the better measure. load average at end {})",
+        loadavg()
+    );
+    shutdown.cancel();
+    rt.shutdown_timeout(Duration::from_secs(1));
+}
