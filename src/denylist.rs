@@ -22,10 +22,12 @@
 //! apply is idempotent and commutative (invariant 1). Writers (apply, GC) are serialized by
 //! a mutex because merges read before they write; readers never wait.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{BuildHasher, Hasher};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -228,6 +230,96 @@ pub struct Denylist {
     retention: Retention,
     write: Mutex<()>,
     counts: [AtomicU64; 5],
+    index: Index,
+}
+
+/// The read side of the store, in memory: every live entry's 128-bit keyed hash and its
+/// primary value. Checks never touch sled (a miss costs a few hashes and map probes
+/// instead of five B-tree walks); sled stays the durable truth the index is rebuilt from
+/// at open and updated after each successful write. 128 random bits make a collision
+/// between two live keys (which could hide a revocation) practically impossible.
+struct Index {
+    shards: Box<[RwLock<HashMap<IndexKey, u64, IdentityBuild>>]>,
+    k1: RandomState,
+    k2: RandomState,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct IndexKey(u64, u64);
+
+impl std::hash::Hash for IndexKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Already a keyed hash: the map need not hash it again.
+        state.write_u64(self.0);
+    }
+}
+
+#[derive(Default, Clone, Copy)]
+struct IdentityBuild;
+#[derive(Default)]
+struct IdentityHasher(u64);
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+impl BuildHasher for IdentityBuild {
+    type Hasher = IdentityHasher;
+    fn build_hasher(&self) -> IdentityHasher {
+        IdentityHasher::default()
+    }
+}
+
+const INDEX_SHARDS: usize = 16;
+
+impl Index {
+    fn new() -> Self {
+        Self {
+            shards: (0..INDEX_SHARDS)
+                .map(|_| RwLock::new(HashMap::with_hasher(IdentityBuild)))
+                .collect(),
+            k1: RandomState::new(),
+            k2: RandomState::new(),
+        }
+    }
+
+    fn key(&self, entry: &[u8]) -> IndexKey {
+        let mut a = self.k1.build_hasher();
+        a.write(entry);
+        let mut b = self.k2.build_hasher();
+        b.write(entry);
+        IndexKey(a.finish(), b.finish())
+    }
+
+    fn shard(&self, k: IndexKey) -> &RwLock<HashMap<IndexKey, u64, IdentityBuild>> {
+        &self.shards[(k.1 % INDEX_SHARDS as u64) as usize]
+    }
+
+    fn get(&self, entry: &[u8]) -> Option<u64> {
+        let k = self.key(entry);
+        let shard = self.shard(k).read().unwrap_or_else(|p| p.into_inner());
+        shard.get(&k).copied()
+    }
+
+    fn set(&self, entry: &[u8], primary: u64) {
+        let k = self.key(entry);
+        let mut shard = self.shard(k).write().unwrap_or_else(|p| p.into_inner());
+        shard.insert(k, primary);
+    }
+
+    fn remove(&self, entry: &[u8]) {
+        let k = self.key(entry);
+        let mut shard = self.shard(k).write().unwrap_or_else(|p| p.into_inner());
+        shard.remove(&k);
+    }
 }
 
 impl Denylist {
@@ -258,12 +350,20 @@ impl Denylist {
                 );
             }
         }
+        let index = Index::new();
+        for (kind, _) in KINDS {
+            for item in tree.scan_prefix([kind]) {
+                let (k, v) = item?;
+                index.set(&k, decode_entry(&v)?[0]);
+            }
+        }
         Ok(Self {
             db,
             tree,
             retention,
             write: Mutex::new(()),
             counts,
+            index,
         })
     }
 
@@ -327,6 +427,9 @@ impl Denylist {
         self.stage_counts(&mut batch, &count_delta);
         self.tree.apply_batch(batch)?;
         self.commit_counts(&count_delta);
+        for (key, [primary, _]) in &pending {
+            self.index.set(key, *primary);
+        }
         Ok(outcome)
     }
 
@@ -365,6 +468,9 @@ impl Denylist {
         self.stage_counts(&mut batch, &count_delta);
         self.tree.apply_batch(batch)?;
         self.commit_counts(&count_delta);
+        for entry in &removed {
+            self.index.remove(entry);
+        }
         Ok(GcOutcome {
             dropped: KINDS
                 .iter()
@@ -399,19 +505,9 @@ impl Denylist {
     pub fn revoked_by(&self, token: &TokenRef<'_>) -> Result<Option<&'static str>, StoreError> {
         let iat = token.iat.unwrap_or(0);
         let mut key = Vec::with_capacity(64);
-        if let Some(jti) = token.jti {
-            fill_entry_key(&mut key, TOKEN, token.iss, jti);
-            if self.tree.contains_key(&key)? {
-                return Ok(Some("token"));
-            }
-        }
-        if let Some(sid) = token.sid {
-            fill_entry_key(&mut key, SESSION, token.iss, sid);
-            if self.tree.contains_key(&key)? {
-                return Ok(Some("session"));
-            }
-        }
         let checks = [
+            (TOKEN, token.jti, "token"),
+            (SESSION, token.sid, "session"),
             (SUBJECT, token.sub, "subject"),
             (CLIENT, token.client_id, "client"),
             (ISSUER, Some(""), "issuer"),
@@ -419,10 +515,12 @@ impl Denylist {
         for (kind, id, word) in checks {
             let Some(id) = id else { continue };
             fill_entry_key(&mut key, kind, token.iss, id);
-            if let Some(v) = self.tree.get(&key)? {
-                if decode_entry(&v)?[0] > iat {
-                    return Ok(Some(word));
-                }
+            let Some(primary) = self.index.get(&key) else {
+                continue;
+            };
+            // Token and session entries revoke outright; the others by not_before.
+            if kind == TOKEN || kind == SESSION || primary > iat {
+                return Ok(Some(word));
             }
         }
         Ok(None)
@@ -773,8 +871,19 @@ mod tests {
         // a expires at 500, in the bucket [0, 600): dropped once that bucket has passed.
         assert!(d.gc(500, 1000).unwrap().dropped.is_empty());
         assert!(d.gc(599, 1000).unwrap().dropped.is_empty());
+        let a = TokenRef {
+            iss: "I",
+            jti: Some("a"),
+            ..Default::default()
+        };
+        assert_eq!(d.revoked_by(&a).unwrap(), Some("token"));
         assert_eq!(d.gc(600, 1000).unwrap().dropped.get("token"), Some(&1));
         assert_eq!(d.sizes().token, 1);
+        assert_eq!(
+            d.revoked_by(&a).unwrap(),
+            None,
+            "dropped from the index too"
+        );
         // b: event_time + lifetime = 3700, bucket ends 4200.
         assert!(d.gc(4199, 1000).unwrap().dropped.is_empty());
         d.gc(4200, 1000).unwrap();
@@ -857,7 +966,7 @@ mod tests {
     }
 
     #[test]
-    fn counts_survive_reopen() {
+    fn counts_and_lookups_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let r = Retention::new(Duration::from_secs(HOUR), Duration::ZERO);
         {
@@ -878,6 +987,16 @@ mod tests {
         }
         let d = Denylist::open(dir.path(), 1 << 20, r).unwrap();
         assert_eq!(d.sizes().session, 1);
+        let t = TokenRef {
+            iss: "I",
+            sid: Some("x"),
+            ..Default::default()
+        };
+        assert_eq!(
+            d.revoked_by(&t).unwrap(),
+            Some("session"),
+            "index rebuilt at open"
+        );
     }
 
     fn arb_event() -> impl Strategy<Value = Event> {
