@@ -27,6 +27,17 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// JSON logs: `--log-json`, or `log.json` (file or `REVSYNC_LOG__JSON`) of the config
+    /// `run` is given. Logging starts before `run` loads the config, which reports any
+    /// error in it then.
+    pub fn json_logs(&self) -> bool {
+        self.log_json
+            || matches!(&self.command, Command::Run(args)
+                if load_config(&args.config).is_ok_and(|c| c.log.json))
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the daemon.
