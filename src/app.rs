@@ -13,9 +13,11 @@ use tracing::{error, info, warn};
 use crate::api::{self, AppState, Checker};
 use crate::config::Config;
 use crate::denylist::{Denylist, Retention};
+use crate::formats::set::SetVerifier;
 use crate::freshness::{Freshness, Introspector};
 use crate::ingest::{self, IngestState};
-use crate::metrics::{KindLabels, Metrics};
+use crate::metrics::{IssuerLabels, KindLabels, Metrics};
+use crate::ssf::{self, Bridge, Receiver, Sink};
 use crate::token::TokenValidator;
 
 /// How many expiry-log records one GC write walks; GC repeats until none are left.
@@ -67,6 +69,18 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
+    // Counters of rare events whose labels are known now start at 0: a series born at 1
+    // on its first increment is invisible to rate()/increase(), and absent from /metrics.
+    for kind in ["token", "subject", "session", "client", "issuer"] {
+        let _ = metrics.entries_expired.get_or_create(&KindLabels { kind });
+    }
+    for i in &config.issuers {
+        let labels = IssuerLabels {
+            issuer: i.issuer.clone(),
+        };
+        let _ = metrics.jwks_fetches.get_or_create(&labels);
+        let _ = metrics.jwks_failures.get_or_create(&labels);
+    }
     std::fs::create_dir_all(&config.store.path)
         .with_context(|| format!("creating store directory {}", config.store.path.display()))?;
     let denylist = Arc::new(
@@ -77,16 +91,14 @@ pub async fn run(
         )
         .with_context(|| format!("opening store {}", config.store.path.display()))?,
     );
-    let ingest_state = IngestState::new();
-    let ingest_stop = CancellationToken::new();
-    let ingest = ingest::spawn(
-        &config.kafka,
-        denylist.clone(),
-        metrics.clone(),
-        ingest_state.clone(),
-        ingest_stop.clone(),
-    )
-    .context("creating the Kafka consumer")?;
+    let ssf_listener = match &config.ssf {
+        Some(ssf) => Some(
+            Listener::bind(&ssf.listen)
+                .await
+                .context("binding the SSF push receiver")?,
+        ),
+        None => None,
+    };
 
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
@@ -101,6 +113,53 @@ pub async fn run(
         background.clone(),
     )
     .await;
+    // After the validator: `set` records are verified with its keys. The reader is a
+    // plain thread; it hands each verification to this runtime (see `SetVerifier`).
+    let ingest_state = IngestState::new();
+    let ingest_stop = CancellationToken::new();
+    let ingest = ingest::spawn_with(
+        &config.kafka,
+        denylist.clone(),
+        metrics.clone(),
+        ingest_state.clone(),
+        ingest_stop.clone(),
+        Some(SetVerifier::new(
+            validator.clone(),
+            tokio::runtime::Handle::current(),
+        )),
+    )
+    .context("creating the Kafka consumer")?;
+    let ssf = match (&config.ssf, ssf_listener) {
+        (Some(ssf_config), Some(listener)) => {
+            let sink = match &ssf_config.bridge_topic {
+                Some(topic) => Sink::Bridge(
+                    Bridge::start(&config.kafka, topic)
+                        .context("creating the SSF bridge's Kafka producer")?,
+                ),
+                None => Sink::Local(denylist.clone()),
+            };
+            let receiver = Arc::new(Receiver::new(
+                validator.clone(),
+                ssf_config,
+                sink,
+                metrics.clone(),
+            ));
+            info!(
+                listen = %listener.describe(),
+                path = %ssf_config.path,
+                bridge_topic = ?ssf_config.bridge_topic,
+                "SSF push receiver started"
+            );
+            let app = ssf::router(
+                receiver.clone(),
+                &ssf_config.path,
+                ssf_config.max_body_bytes,
+            );
+            let task = tokio::spawn(ssf::serve(listener, app, shutdown.clone()));
+            Some((receiver, task))
+        }
+        _ => None,
+    };
     let gc = tokio::spawn(gc_loop(
         denylist.clone(),
         metrics.clone(),
@@ -161,6 +220,17 @@ pub async fn run(
         Ok(Ok(Err(e))) => error!(error = %e, "server error"),
         Ok(Err(e)) => error!(error = %e, "server task failed"),
         Err(_) => warn!("in-flight requests did not finish within the grace period"),
+    }
+    if let Some((receiver, task)) = ssf {
+        match tokio::time::timeout(grace, task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => error!(error = %e, "SSF receiver error"),
+            Ok(Err(e)) => error!(error = %e, "SSF receiver task failed"),
+            Err(_) => warn!("pushed SETs did not finish within the grace period"),
+        }
+        tokio::task::spawn_blocking(move || receiver.shutdown())
+            .await
+            .ok();
     }
     background.cancel();
     let _ = gc.await;

@@ -56,6 +56,9 @@ pub struct Config {
     pub freshness: FreshnessConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// The RFC 8935 push receiver for Security Event Tokens. Absent (the default): off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssf: Option<SsfConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -121,7 +124,9 @@ pub struct TopicConfig {
     /// Wire format of the records: `native` (default), `set`, `keycloak`.
     #[serde(default)]
     pub format: EventFormat,
-    /// Issuer to attribute events to, for formats whose events carry none (keycloak).
+    /// `keycloak`: the realm's issuer, to which every event is attributed (its events
+    /// carry none); required. `set`: when given, the only issuer whose SETs this topic
+    /// accepts (it must be one of `[[issuers]]`). Default none.
     #[serde(default)]
     pub issuer: Option<String>,
 }
@@ -222,6 +227,84 @@ pub struct IntrospectionConfig {
     pub client_id: String,
     /// Redacted when the config is printed.
     pub client_secret: String,
+}
+
+/// The RFC 8935 push receiver (`[ssf]`): a transmitter POSTs `application/secevent+jwt`
+/// to `path` on `listen` with `Authorization: Bearer <bearer_secret>`. SETs are verified
+/// against the JWKS of `[[issuers]]` (the transmitter's issuer must be one of them).
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SsfConfig {
+    /// Where the receiver listens: `host:port` or `unix:/path`. Transmitters are usually
+    /// remote: bind a routable address behind TLS termination. Default `127.0.0.1:8182`.
+    #[serde(default = "default_ssf_listen")]
+    pub listen: String,
+    /// The route transmitters POST to. Default `/ssf/events`.
+    #[serde(default = "default_ssf_path")]
+    pub path: String,
+    /// The secret transmitters send as `Authorization: Bearer …`, compared in constant
+    /// time. Required, at least 16 bytes; redacted when the config is printed (prefer
+    /// `REVSYNC_SSF__BEARER_SECRET`).
+    pub bearer_secret: String,
+    /// When given, a SET's `aud` must name it (else `invalid_audience`). Default none.
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// When given, the only SET issuer accepted (else `invalid_issuer`); it must be one of
+    /// `[[issuers]]`. Default none: any configured issuer.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Bridge mode: republish each verified event to this Kafka topic as a native v1 event
+    /// (acknowledged by the broker before the 202), so one receiver feeds every revsync
+    /// reading that topic. Default none: apply to this instance's denylist directly.
+    #[serde(default)]
+    pub bridge_topic: Option<String>,
+    /// Largest request body accepted, in bytes; larger bodies get 413. Default 65536.
+    #[serde(default = "default_ssf_max_body")]
+    pub max_body_bytes: usize,
+}
+
+impl std::fmt::Debug for SsfConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SsfConfig")
+            .field("listen", &self.listen)
+            .field("path", &self.path)
+            .field("bearer_secret", &"<redacted>")
+            .field("audience", &self.audience)
+            .field("issuer", &self.issuer)
+            .field("bridge_topic", &self.bridge_topic)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .finish()
+    }
+}
+
+impl SsfConfig {
+    /// A receiver with `bearer_secret`, every other key at its default.
+    pub fn new(bearer_secret: impl Into<String>) -> Self {
+        Self {
+            listen: default_ssf_listen(),
+            path: default_ssf_path(),
+            bearer_secret: bearer_secret.into(),
+            audience: None,
+            issuer: None,
+            bridge_topic: None,
+            max_body_bytes: default_ssf_max_body(),
+        }
+    }
+}
+
+pub const DEFAULT_SSF_LISTEN: &str = "127.0.0.1:8182";
+pub const DEFAULT_SSF_PATH: &str = "/ssf/events";
+/// Shortest bearer secret accepted for the push receiver.
+pub const MIN_SSF_SECRET_BYTES: usize = 16;
+
+fn default_ssf_listen() -> String {
+    DEFAULT_SSF_LISTEN.to_string()
+}
+fn default_ssf_path() -> String {
+    DEFAULT_SSF_PATH.to_string()
+}
+fn default_ssf_max_body() -> usize {
+    64 * 1024
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -370,6 +453,7 @@ impl Config {
             issuers: Vec::new(),
             freshness: FreshnessConfig::default(),
             log: LogConfig::default(),
+            ssf: None,
         }
     }
 
@@ -428,11 +512,49 @@ impl Config {
                     "required for format = \"keycloak\" (its events carry no issuer)",
                 );
             }
-            if t.format != EventFormat::Native {
+            if t.format == EventFormat::Set {
+                if self.issuers.is_empty() {
+                    return invalid(
+                        &format!("kafka.topics[{i}].format"),
+                        "\"set\" needs [[issuers]]: SETs are verified with their issuer's JWKS",
+                    );
+                }
+                if let Some(iss) = &t.issuer {
+                    if self.issuer(iss).is_none() {
+                        return invalid(
+                            &format!("kafka.topics[{i}].issuer"),
+                            "must be one of [[issuers]] (its JWKS verifies the SETs)",
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(ssf) = &self.ssf {
+            if ssf.bearer_secret.len() < MIN_SSF_SECRET_BYTES {
                 return invalid(
-                    &format!("kafka.topics[{i}].format"),
-                    "only \"native\" is supported by this build",
+                    "ssf.bearer_secret",
+                    &format!("must be at least {MIN_SSF_SECRET_BYTES} bytes"),
                 );
+            }
+            if !ssf.path.starts_with('/') {
+                return invalid("ssf.path", "must start with /");
+            }
+            if ssf.listen.trim().is_empty() {
+                return invalid("ssf.listen", "must not be empty");
+            }
+            if self.issuers.is_empty() {
+                return invalid(
+                    "ssf",
+                    "the receiver needs [[issuers]]: SETs are verified with their issuer's JWKS",
+                );
+            }
+            if let Some(iss) = &ssf.issuer {
+                if self.issuer(iss).is_none() {
+                    return invalid("ssf.issuer", "must be one of [[issuers]]");
+                }
+            }
+            if ssf.bridge_topic.as_ref().is_some_and(|t| t.is_empty()) {
+                return invalid("ssf.bridge_topic", "must not be empty");
             }
         }
         for key in self.kafka.properties.keys() {
@@ -486,6 +608,9 @@ impl Config {
             if let Some(x) = i.introspection.as_mut() {
                 x.client_secret = "<redacted>".into();
             }
+        }
+        if let Some(ssf) = copy.ssf.as_mut() {
+            ssf.bearer_secret = "<redacted>".into();
         }
         for (k, v) in copy.kafka.properties.iter_mut() {
             if SECRET_KEY_MARKERS.iter().any(|m| k.contains(m)) {
@@ -702,6 +827,96 @@ audiences = ["https://api.example.com"]
         let c = Config::parse(&text, no_env()).unwrap();
         assert_eq!(c.issuers[0].introspection.as_ref().unwrap().client_id, "rs");
         assert!(!c.to_redacted_toml().contains("s3cret"));
+    }
+
+    #[test]
+    fn every_format_is_accepted_and_set_topics_need_a_known_issuer() {
+        let topics = |extra: &str| {
+            MINIMAL.replace(
+                "[kafka]\nbrokers = \"127.0.0.1:9092\"\n",
+                &format!("[kafka]\nbrokers = \"127.0.0.1:9092\"\n[[kafka.topics]]\nname = \"t\"\n{extra}\n"),
+            )
+        };
+        for extra in [
+            "format = \"native\"",
+            "format = \"set\"",
+            "format = \"set\"\nissuer = \"https://as.example.com\"",
+            "format = \"keycloak\"\nissuer = \"https://kc/realms/x\"",
+        ] {
+            Config::parse(&topics(extra), no_env()).unwrap_or_else(|e| panic!("{extra}: {e}"));
+        }
+        let err = Config::parse(
+            &topics("format = \"set\"\nissuer = \"https://other\""),
+            no_env(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("kafka.topics[0].issuer"), "{err}");
+        let no_issuers = topics("format = \"set\"");
+        let no_issuers = &no_issuers[..no_issuers.find("[[issuers]]").unwrap()];
+        let err = Config::parse(no_issuers, no_env()).unwrap_err().to_string();
+        assert!(err.contains("kafka.topics[0].format"), "{err}");
+    }
+
+    #[test]
+    fn ssf_receiver_has_documented_defaults_and_a_hidden_secret() {
+        let text = format!("{MINIMAL}\n[ssf]\nbearer_secret = \"0123456789abcdef-secret\"\n");
+        let c = Config::parse(&text, no_env()).unwrap();
+        let ssf = c.ssf.as_ref().unwrap();
+        assert_eq!(ssf.listen, DEFAULT_SSF_LISTEN);
+        assert_eq!(ssf.path, DEFAULT_SSF_PATH);
+        assert_eq!(ssf.max_body_bytes, 65536);
+        assert_eq!(
+            (
+                ssf.audience.as_deref(),
+                ssf.issuer.as_deref(),
+                ssf.bridge_topic.as_deref()
+            ),
+            (None, None, None)
+        );
+        assert!(!c.to_redacted_toml().contains("0123456789abcdef-secret"));
+        assert!(!format!("{c:?}").contains("0123456789abcdef-secret"));
+        assert!(
+            Config::parse(MINIMAL, no_env()).unwrap().ssf.is_none(),
+            "off by default"
+        );
+        // Env overrides reach it (and can enable it).
+        let env = vec![(
+            "REVSYNC_SSF__BEARER_SECRET".to_string(),
+            "from-the-environment-1".to_string(),
+        )];
+        assert_eq!(
+            Config::parse(MINIMAL, env)
+                .unwrap()
+                .ssf
+                .unwrap()
+                .bearer_secret,
+            "from-the-environment-1"
+        );
+        for (bad, key) in [
+            ("bearer_secret = \"short\"", "ssf.bearer_secret"),
+            (
+                "bearer_secret = \"0123456789abcdef\"\npath = \"events\"",
+                "ssf.path",
+            ),
+            (
+                "bearer_secret = \"0123456789abcdef\"\nissuer = \"https://nope\"",
+                "ssf.issuer",
+            ),
+            (
+                "bearer_secret = \"0123456789abcdef\"\nbridge_topic = \"\"",
+                "ssf.bridge_topic",
+            ),
+            (
+                "bearer_secret = \"0123456789abcdef\"\nlisten_on = \"x\"",
+                "listen_on",
+            ),
+        ] {
+            let err = Config::parse(&format!("{MINIMAL}\n[ssf]\n{bad}\n"), no_env())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -7,6 +7,14 @@
 //! - the *reader* polls messages, decodes them and applies batches;
 //! - the *watcher* re-reads topic metadata (partitions added later are handed to the
 //!   reader) and fetches high watermarks to measure lag and confirm catch-up.
+//!
+//! Records are decoded in their topic's configured format ([`decode`]). A record that
+//! cannot be verified *yet* (a `set` record whose issuer's signing keys are not
+//! available) is never skipped: its partition is *held* — the position stays at that
+//! record, the partition is unassigned, and after a backoff it is assigned again at that
+//! offset and the record retried — while every other partition keeps flowing. A held
+//! partition shows as lag, so catch-up (and with it freshness) waits for it: revsync does
+//! not vouch for a denylist that may be missing a revocation (invariant 5).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,7 +34,9 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::{EventFormat, KafkaConfig, TopicConfig};
 use crate::denylist::{Denylist, Position};
-use crate::event::{self, DecodeError, Event};
+use crate::event::{self, Event};
+use crate::formats::set::SetVerifier;
+use crate::formats::{keycloak, Decoded, FormatError};
 use crate::metrics::{Metrics, PartitionLabels, TopicLabels};
 use crate::{unix_now, unix_now_ms};
 
@@ -36,6 +46,9 @@ const ASSIGN_ONLY_GROUP: &str = "revsync-assign-only";
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 const BROKER_TIMEOUT: Duration = Duration::from_secs(5);
 const STORE_RETRY: Duration = Duration::from_millis(500);
+/// First wait before a held partition's record is retried; doubles up to `HOLD_MAX`.
+const HOLD_MIN: Duration = Duration::from_millis(500);
+const HOLD_MAX: Duration = Duration::from_secs(10);
 
 /// What the reader and watcher know, shared with the HTTP side (status, readiness,
 /// freshness).
@@ -160,7 +173,8 @@ fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
     c
 }
 
-/// Starts the reader and watcher threads.
+/// Starts the reader and watcher threads, for topics of the `native` and `keycloak`
+/// formats (a `set` topic needs [`spawn_with`] and a verifier).
 pub fn spawn(
     kafka: &KafkaConfig,
     denylist: Arc<Denylist>,
@@ -168,6 +182,33 @@ pub fn spawn(
     state: Arc<IngestState>,
     shutdown: CancellationToken,
 ) -> Result<IngestHandle, KafkaError> {
+    spawn_with(kafka, denylist, metrics, state, shutdown, None)
+}
+
+/// [`spawn`], with the verifier of `set` records (required when a topic has that
+/// format: without keys they could never be verified).
+pub fn spawn_with(
+    kafka: &KafkaConfig,
+    denylist: Arc<Denylist>,
+    metrics: Arc<Metrics>,
+    state: Arc<IngestState>,
+    shutdown: CancellationToken,
+    sets: Option<SetVerifier>,
+) -> Result<IngestHandle, KafkaError> {
+    for t in &kafka.topics {
+        if t.format == EventFormat::Set && sets.is_none() {
+            return Err(KafkaError::ClientCreation(format!(
+                "topic {}: format \"set\" needs a SET verifier (the issuers' JWKS)",
+                t.name
+            )));
+        }
+        if t.format == EventFormat::Keycloak && t.issuer.is_none() {
+            return Err(KafkaError::ClientCreation(format!(
+                "topic {}: format \"keycloak\" needs the realm's issuer",
+                t.name
+            )));
+        }
+    }
     let reader_consumer: BaseConsumer = consumer_config(kafka).create()?;
     let watcher_consumer: BaseConsumer = consumer_config(kafka).create()?;
     let stored: HashMap<(String, i32), i64> = match denylist.positions() {
@@ -200,6 +241,8 @@ pub fn spawn(
         stored,
         batch_max: kafka.batch_max,
         expected: HashMap::new(),
+        sets,
+        holds: Holds::default(),
     };
     let watcher = Watcher {
         consumer: watcher_consumer,
@@ -238,6 +281,30 @@ struct Reader {
     /// Next offset each assigned partition should deliver; a different offset means the
     /// log moved under us (see `check_continuity`).
     expected: HashMap<(String, i32), i64>,
+    /// Verifies `set` records.
+    sets: Option<SetVerifier>,
+    holds: Holds,
+}
+
+/// Partitions held at a record that cannot be verified yet.
+#[derive(Default)]
+struct Holds {
+    held: HashMap<(String, i32), Held>,
+    /// When the reader first held each record of a held `set` partition (unix ms): a
+    /// signing key missing from a JWKS fetched after that is missing for good.
+    first_seen: HashMap<(String, i32), BTreeMap<i64, u64>>,
+}
+
+/// A partition whose record at `offset` could not be verified yet.
+struct Held {
+    offset: i64,
+    backoff: Duration,
+    retry_at: Instant,
+    /// `true` until the partition is read again from `offset`: records that still arrive
+    /// meanwhile are not decoded and do not move the position.
+    waiting: bool,
+    /// The partition was unassigned (else only a seek can bring it back to `offset`).
+    unassigned: bool,
 }
 
 /// Where a decoded record came from, kept beside it until the batch is written.
@@ -254,6 +321,7 @@ impl Reader {
             while let Ok(new) = self.assign_rx.try_recv() {
                 self.assign(new);
             }
+            self.retry_held();
             if self.expected.is_empty() {
                 std::thread::sleep(POLL_TIMEOUT);
                 continue;
@@ -261,6 +329,7 @@ impl Reader {
             let mut events: Vec<Event> = Vec::new();
             let mut origins: Vec<Origin> = Vec::new();
             let mut positions: HashMap<(String, i32), i64> = HashMap::new();
+            let mut newly_held: Vec<(String, i32, i64)> = Vec::new();
             let mut polled = 0usize;
             let mut timeout = POLL_TIMEOUT;
             while polled < self.batch_max {
@@ -280,6 +349,15 @@ impl Reader {
                 let topic = msg.topic();
                 let partition = msg.partition();
                 let offset = msg.offset();
+                if !self.holds.held.is_empty() {
+                    let is_set = self
+                        .topics
+                        .get(topic)
+                        .is_some_and(|t| t.format == EventFormat::Set);
+                    if self.holds.is_waiting(topic, partition, offset, is_set) {
+                        continue;
+                    }
+                }
                 check_continuity(
                     &self.consumer,
                     &mut self.expected,
@@ -288,14 +366,26 @@ impl Reader {
                     partition,
                     offset,
                 );
-                positions.insert((topic.to_string(), partition), offset + 1);
                 let Some(cfg) = self.topics.get(topic) else {
+                    positions.insert((topic.to_string(), partition), offset + 1);
                     continue;
                 };
                 let format = cfg.format;
                 let topic_idx = label_index(&mut topic_labels, topic, format);
-                match decode(format, msg.payload().unwrap_or_default()) {
-                    Ok(event) => {
+                // Only SET verification needs to know when a record was first held.
+                let seen_at_ms = if format == EventFormat::Set {
+                    self.holds.seen_at_ms(topic, partition, offset)
+                } else {
+                    0
+                };
+                let decoded = decode(
+                    cfg,
+                    msg.payload().unwrap_or_default(),
+                    self.sets.as_ref(),
+                    seen_at_ms,
+                );
+                match decoded {
+                    Ok(Some(event)) => {
                         origins.push(Origin {
                             topic_idx,
                             sent_ms: msg
@@ -305,17 +395,38 @@ impl Reader {
                         });
                         events.push(event);
                     }
+                    Ok(None) => {
+                        debug!(topic, partition, offset, "record revokes nothing; ignored");
+                        self.metrics
+                            .events_ignored
+                            .get_or_create(&topic_labels[topic_idx])
+                            .inc();
+                    }
+                    Err(e) if e.retryable() => {
+                        // Not decidable now: the position stays at this record.
+                        positions.insert((topic.to_string(), partition), offset);
+                        self.holds.hold(topic, partition, offset, seen_at_ms, &e);
+                        newly_held.push((topic.to_string(), partition, offset));
+                        continue;
+                    }
                     Err(e) => {
                         // The payload may carry anything, secrets included: never logged.
                         warn!(topic, partition, offset, reason = e.reason(), error = %e, "skipping malformed record");
                         self.metrics.malformed(topic, format.as_str(), e.reason());
                     }
                 }
+                positions.insert((topic.to_string(), partition), offset + 1);
+                if !self.holds.is_empty() {
+                    self.holds.settled(topic, partition, offset);
+                }
             }
             if positions.is_empty() {
                 continue;
             }
             self.write(&events, &origins, positions, &topic_labels);
+            for (topic, partition, offset) in newly_held {
+                self.rewind(&topic, partition, offset);
+            }
         }
         debug!("reader stopping");
         if let Err(e) = self.denylist.flush() {
@@ -389,6 +500,58 @@ impl Reader {
         }
     }
 
+    /// Stops reading a newly held partition; it is read again from `offset` after its
+    /// backoff (see `retry_held`).
+    fn rewind(&mut self, topic: &str, partition: i32, offset: i64) {
+        let key = (topic.to_string(), partition);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        let unassigned = match self.consumer.incremental_unassign(&tpl) {
+            Ok(()) => true,
+            Err(e) => {
+                error!(topic, partition, error = %e, "cannot unassign a held partition; it will be sought back instead");
+                false
+            }
+        };
+        if let Some(h) = self.holds.held.get_mut(&key) {
+            h.unassigned = unassigned;
+        }
+        self.expected.insert(key, offset);
+    }
+
+    /// Reads held partitions again from their held record once their backoff is over.
+    fn retry_held(&mut self) {
+        if self.holds.held.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for ((topic, partition), h) in self.holds.held.iter_mut() {
+            if !h.waiting || h.retry_at > now {
+                continue;
+            }
+            let result = if h.unassigned {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(topic, *partition, Offset::Offset(h.offset))
+                    .and_then(|()| self.consumer.incremental_assign(&tpl))
+            } else {
+                self.consumer
+                    .seek(topic, *partition, Offset::Offset(h.offset), BROKER_TIMEOUT)
+            };
+            match result {
+                Ok(()) => {
+                    debug!(topic, partition, offset = h.offset, "retrying held record");
+                    h.waiting = false;
+                    h.unassigned = false;
+                    self.expected.insert((topic.clone(), *partition), h.offset);
+                }
+                Err(e) => {
+                    error!(topic, partition, error = %e, "cannot read a held partition again; retrying later");
+                    h.retry_at = now + h.backoff;
+                }
+            }
+        }
+    }
+
     fn assign(&mut self, partitions: Vec<(String, i32)>) {
         let mut tpl = TopicPartitionList::new();
         for (topic, partition) in &partitions {
@@ -421,6 +584,107 @@ impl Reader {
             for (topic, partition) in partitions {
                 self.expected.remove(&(topic, partition));
             }
+        }
+    }
+}
+
+impl Holds {
+    fn is_empty(&self) -> bool {
+        self.held.is_empty() && self.first_seen.is_empty()
+    }
+
+    /// `true` when the partition is held and waiting to be read again from its held
+    /// record: the message is dropped (it will be delivered again).
+    fn is_waiting(&mut self, topic: &str, partition: i32, offset: i64, is_set: bool) -> bool {
+        let key = (topic.to_string(), partition);
+        if !self.held.get(&key).is_some_and(|h| h.waiting) {
+            return false;
+        }
+        if is_set {
+            self.first_seen
+                .entry(key)
+                .or_default()
+                .entry(offset)
+                .or_insert_with(unix_now_ms);
+        }
+        true
+    }
+
+    /// When the reader first held this record (now, unless it was held before).
+    fn seen_at_ms(&self, topic: &str, partition: i32, offset: i64) -> u64 {
+        if !self.first_seen.is_empty() {
+            if let Some(at) = self
+                .first_seen
+                .get(&(topic.to_string(), partition))
+                .and_then(|m| m.get(&offset))
+            {
+                return *at;
+            }
+        }
+        unix_now_ms()
+    }
+
+    /// Holds the partition at `offset`: no position past it until it verifies.
+    fn hold(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        seen_at_ms: u64,
+        why: &FormatError,
+    ) {
+        let key = (topic.to_string(), partition);
+        let backoff = match self.held.get(&key) {
+            Some(h) if h.offset == offset => (h.backoff * 2).min(HOLD_MAX),
+            _ => {
+                warn!(topic, partition, offset, error = %why, "record cannot be verified yet; holding the partition at it and retrying");
+                HOLD_MIN
+            }
+        };
+        debug!(
+            topic,
+            partition,
+            offset,
+            ?backoff,
+            "record still unverifiable"
+        );
+        self.held.insert(
+            key.clone(),
+            Held {
+                offset,
+                backoff,
+                retry_at: Instant::now() + backoff,
+                waiting: true,
+                unassigned: false,
+            },
+        );
+        self.first_seen
+            .entry(key)
+            .or_default()
+            .entry(offset)
+            .or_insert(seen_at_ms);
+    }
+
+    /// The record at `offset` was decided (applied, ignored or skipped): forget what was
+    /// kept for it and, once past the held record, the hold itself.
+    fn settled(&mut self, topic: &str, partition: i32, offset: i64) {
+        let key = (topic.to_string(), partition);
+        if let Some(seen) = self.first_seen.get_mut(&key) {
+            *seen = seen.split_off(&(offset + 1));
+            if seen.is_empty() {
+                self.first_seen.remove(&key);
+            }
+        }
+        if self
+            .held
+            .get(&key)
+            .is_some_and(|h| !h.waiting && offset >= h.offset)
+        {
+            info!(
+                topic,
+                partition, offset, "held record decided; partition flows again"
+            );
+            self.held.remove(&key);
         }
     }
 }
@@ -488,13 +752,33 @@ fn label_index(labels: &mut Vec<TopicLabels>, topic: &str, format: EventFormat) 
     labels.len() - 1
 }
 
-/// Decodes a record in its topic's configured format (never sniffed).
-pub fn decode(format: EventFormat, payload: &[u8]) -> Result<Event, DecodeError> {
-    match format {
-        EventFormat::Native => event::decode_native(payload),
-        EventFormat::Set | EventFormat::Keycloak => {
-            Err(DecodeError::Invalid("format not supported by this build"))
-        }
+/// Decodes a record in its topic's configured format (never sniffed): an event,
+/// `Ok(None)` for a record that revokes nothing, or why not. `sets` verifies `set`
+/// records; `seen_at_ms` is when the reader first held the record (unix ms).
+pub fn decode(
+    topic: &TopicConfig,
+    payload: &[u8],
+    sets: Option<&SetVerifier>,
+    seen_at_ms: u64,
+) -> Decoded {
+    match topic.format {
+        EventFormat::Native => event::decode_native(payload)
+            .map(Some)
+            .map_err(FormatError::from),
+        EventFormat::Keycloak => match topic.issuer.as_deref() {
+            Some(issuer) => keycloak::decode(payload, issuer),
+            None => Err(FormatError::Unverifiable(
+                "keycloak topic without an issuer".into(),
+            )),
+        },
+        EventFormat::Set => match sets {
+            Some(verifier) => {
+                verifier.decode_blocking(payload, topic.issuer.as_deref(), seen_at_ms)
+            }
+            None => Err(FormatError::Unverifiable(
+                "no verifier for SETs is configured".into(),
+            )),
+        },
     }
 }
 

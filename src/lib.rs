@@ -15,12 +15,14 @@
 //! |---|---|
 //! | [`config`] | the typed config: TOML, `REVSYNC_*` overrides, defaults |
 //! | [`event`] | the revocation model and the native v1 decoder |
+//! | [`formats`] | the other wire formats: RFC 8417 SETs (CAEP, Back-Channel Logout), Keycloak events |
 //! | [`denylist`] | the sled store: atomic apply with positions, lookups, expiry |
 //! | [`ingest`] | the Kafka reader and watermark watcher threads |
 //! | [`token`] | JWKS fetch/refresh, JWT validation, the verified-token cache |
 //! | [`freshness`] | how old the denylist is, and whether that is too old |
 //! | [`api`] | the axum router; maps decisions to HTTP answers |
 //! | [`publish`] | the reference publisher (`revsync publish`) |
+//! | [`ssf`] | the RFC 8935 push receiver for SETs (local apply, or bridge to Kafka) |
 //! | [`metrics`] | the Prometheus registry |
 //! | [`app`] | start-up, GC, graceful shutdown |
 //! | [`cli`] | the command line; `main.rs` only calls it |
@@ -33,10 +35,12 @@ pub mod config;
 pub mod denylist;
 pub mod dev;
 pub mod event;
+pub mod formats;
 pub mod freshness;
 pub mod ingest;
 pub mod metrics;
 pub mod publish;
+pub mod ssf;
 pub mod token;
 
 use tokio_util::sync::CancellationToken;

@@ -109,6 +109,18 @@ pub struct VerifiedToken {
     pub claims: Map<String, Value>,
 }
 
+/// A JWS that is not an access token (a Security Event Token, a logout token) whose
+/// signature was verified with its issuer's JWKS by [`TokenValidator::verify_jws`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifiedJws {
+    /// The `iss` claim: a configured issuer.
+    pub iss: String,
+    /// The JOSE header (`alg`, `kid`, `typ` …).
+    pub header: Map<String, Value>,
+    /// Every claim.
+    pub claims: Map<String, Value>,
+}
+
 /// Key status of one issuer, for readiness and operators. Carries no secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct IssuerKeyStatus {
@@ -415,6 +427,8 @@ struct FetchStatus {
     /// The last fetch failed: discover the JWKS location again (it may have moved).
     rediscover: bool,
     last_success: Option<u64>,
+    /// Unix ms at which the last successful fetch started (see [`TokenValidator::verify_jws`]).
+    last_success_started_ms: Option<u64>,
     last_attempt: Option<u64>,
     last_error: Option<String>,
 }
@@ -528,6 +542,8 @@ async fn get_json(http: &reqwest::Client, url: &str) -> Result<Value, String> {
 
 /// What is read from a token before its signature is checked.
 struct Parsed<'t> {
+    /// The whole JOSE header (only signed-event verification looks past the fields below).
+    header: Map<String, Value>,
     alg_name: String,
     kid: Option<String>,
     typ: Option<String>,
@@ -604,6 +620,7 @@ fn parse_token(token: &str) -> Result<Parsed<'_>, Rejection> {
     }
     let claims = decode_json_object(payload_b64)?;
     Ok(Parsed {
+        header,
         alg_name,
         kid,
         typ,
@@ -891,6 +908,90 @@ impl TokenValidator {
         Ok(verified)
     }
 
+    /// Verifies a signed JWS that is not an access token (an RFC 8417 Security Event
+    /// Token, an OpenID Connect logout token): compact shape, `alg` (asymmetric and in the
+    /// issuer's allowlist), `iss` (a configured issuer), the key (from that issuer's JWKS
+    /// only, refetched once on an unknown `kid` as for access tokens), the signature, and,
+    /// when `audience` is given, that `aud` names it. Unlike [`Self::validate`] it applies
+    /// no `typ`, `exp`, `nbf` or required-claim rule (the caller applies the rules of the
+    /// token's own type) and caches nothing.
+    ///
+    /// `seen_at_ms` is when the caller first held the token (unix ms). A key that is not in
+    /// the issuer's JWKS is [`Rejection::UnknownKey`] only when a fetch *started* at or
+    /// after that time succeeded and still lacks it: the token was signed before we held
+    /// it, so a key that exists was published by then. Otherwise (keys never loaded, last
+    /// refetch failed or was rate-limited) the answer is [`Rejection::KeysUnavailable`]:
+    /// not decidable now, ask again later.
+    pub async fn verify_jws(
+        &self,
+        token: &str,
+        audience: Option<&str>,
+        seen_at_ms: u64,
+    ) -> Result<VerifiedJws, Rejection> {
+        let parsed = parse_token(token)?;
+        let iss = opt_string(&parsed.claims, "iss")?.ok_or(Rejection::Malformed)?;
+        let alg = parse_alg(&parsed.alg_name).ok_or(Rejection::BadSignature)?;
+        let issuer = self.issuers.get(&iss).ok_or(Rejection::WrongIssuer)?;
+        if !issuer.algorithms.contains(&alg) {
+            return Err(Rejection::BadSignature);
+        }
+        let key = self
+            .find_event_key(issuer, parsed.kid.as_deref(), alg, seen_at_ms)
+            .await?;
+        match jsonwebtoken::crypto::verify(
+            parsed.signature,
+            parsed.message.as_bytes(),
+            &key.key,
+            alg,
+        ) {
+            Ok(true) => {}
+            Ok(false) | Err(_) => return Err(Rejection::BadSignature),
+        }
+        if let Some(audience) = audience {
+            if !audiences(&parsed.claims)?.contains(&audience) {
+                return Err(Rejection::WrongAudience);
+            }
+        }
+        Ok(VerifiedJws {
+            iss,
+            header: parsed.header,
+            claims: parsed.claims,
+        })
+    }
+
+    /// [`Self::find_key`] for signed events, where a missing key is final only when a fetch
+    /// started at or after `seen_at_ms` succeeded (see [`Self::verify_jws`]).
+    async fn find_event_key(
+        &self,
+        issuer: &Issuer,
+        kid: Option<&str>,
+        alg: Algorithm,
+        seen_at_ms: u64,
+    ) -> Result<Arc<VerifyKey>, Rejection> {
+        let fetches_seen = issuer.fetches_done.load(Ordering::Acquire);
+        match issuer.keys().lookup(kid, alg) {
+            Lookup::Found(key) => return Ok(key),
+            Lookup::Unfit => return Err(Rejection::BadSignature),
+            Lookup::Ambiguous => return Err(Rejection::UnknownKey),
+            Lookup::Missing => {}
+        }
+        tracing::debug!(issuer = %issuer.iss, kid = ?kid.map(log_kid), "unknown key id in a signed event");
+        self.refetch_for_unknown(issuer, fetches_seen).await;
+        // Status before keys: a fetch replaces the keys before it records its success, so
+        // keys read after a fresh success are at least that fresh.
+        let fresh = issuer
+            .status()
+            .last_success_started_ms
+            .is_some_and(|started| started >= seen_at_ms);
+        match issuer.keys().lookup(kid, alg) {
+            Lookup::Found(key) => Ok(key),
+            Lookup::Unfit => Err(Rejection::BadSignature),
+            Lookup::Ambiguous => Err(Rejection::UnknownKey),
+            Lookup::Missing if fresh => Err(Rejection::UnknownKey),
+            Lookup::Missing => Err(Rejection::KeysUnavailable),
+        }
+    }
+
     /// `true` when every configured issuer has a loaded key set.
     pub fn keys_loaded(&self) -> bool {
         self.ordered.iter().all(|i| i.keys().loaded)
@@ -964,6 +1065,7 @@ impl TokenValidator {
     /// key set is replaced; on failure the last good keys keep serving.
     async fn fetch_locked(&self, issuer: &Issuer, last: &mut Option<Instant>) {
         *last = Some(Instant::now());
+        let started_ms = crate::unix_now_ms();
         self.metrics
             .jwks_fetches
             .get_or_create(&issuer.labels)
@@ -989,6 +1091,7 @@ impl TokenValidator {
                     self.cache.invalidate_all();
                 }
                 st.last_success = Some(attempt_at);
+                st.last_success_started_ms = Some(started_ms);
                 st.last_error = None;
                 tracing::debug!(issuer = %issuer.iss, keys = count, "JWKS loaded");
             }
