@@ -167,7 +167,8 @@ pub async fn run(
         background.clone(),
     ));
 
-    let mut freshness = Freshness::new(config.freshness.clone(), ingest_state.clone());
+    let mut freshness = Freshness::new(config.freshness.clone(), ingest_state.clone())
+        .with_heartbeats(config.issuers.iter().map(|i| i.issuer.clone()).collect());
     if config.freshness.on_stale == crate::config::OnStale::Introspect {
         freshness = freshness.with_introspector(
             Introspector::new(&config.issuers, &config.freshness)

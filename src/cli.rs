@@ -148,6 +148,15 @@ pub enum PublishWhat {
     },
     /// Publish native v1 events read as JSON lines from stdin.
     Lines,
+    /// Publish a heartbeat for an issuer (proves the publishing path is alive; see
+    /// `freshness.heartbeat_max_age`). With --every, keep publishing until interrupted.
+    Heartbeat {
+        #[arg(long)]
+        iss: String,
+        /// Publish again at this interval (e.g. "10s") until SIGINT/SIGTERM.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        every: Option<Duration>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -244,6 +253,9 @@ async fn publish(args: PublishArgs) -> anyhow::Result<i32> {
     let topic = args.topic.clone();
     let now = crate::unix_now();
     let event_time = args.event_time.unwrap_or(now);
+    if let PublishWhat::Heartbeat { iss, every } = args.what {
+        return heartbeat(kafka, topic, iss, every).await;
+    }
     let revocation = match args.what {
         PublishWhat::Token { iss, jti, exp } => Some(Revocation::Token { iss, jti, exp }),
         PublishWhat::Subject {
@@ -270,6 +282,7 @@ async fn publish(args: PublishArgs) -> anyhow::Result<i32> {
             not_before: not_before.unwrap_or(event_time),
         }),
         PublishWhat::Lines => None,
+        PublishWhat::Heartbeat { .. } => unreachable!("handled above"),
     };
     let reason = args.reason;
     tokio::task::spawn_blocking(move || -> anyhow::Result<i32> {
@@ -293,6 +306,39 @@ async fn publish(args: PublishArgs) -> anyhow::Result<i32> {
         Ok(0)
     })
     .await?
+}
+
+async fn heartbeat(
+    kafka: KafkaConfig,
+    topic: String,
+    iss: String,
+    every: Option<Duration>,
+) -> anyhow::Result<i32> {
+    let publisher = std::sync::Arc::new(Publisher::new(&kafka, &topic)?);
+    let stop = CancellationToken::new();
+    if every.is_some() {
+        tokio::spawn(crate::shutdown_signal(stop.clone()));
+    }
+    let mut n = 0u64;
+    loop {
+        let p = publisher.clone();
+        let iss = iss.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let body = crate::event::encode_heartbeat(&new_event_id(), &iss, crate::unix_now());
+            p.send_raw(&format!("{iss}\n"), body.as_bytes())?;
+            p.finish(Duration::from_secs(10))?;
+            Ok(())
+        })
+        .await??;
+        n += 1;
+        let Some(every) = every else { break };
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+    eprintln!("published {n} heartbeat(s) for {iss} to {topic}");
+    Ok(0)
 }
 
 async fn check(args: CheckArgs) -> anyhow::Result<i32> {

@@ -215,6 +215,15 @@ pub struct FreshnessConfig {
     /// never longer than `max_staleness`. Default `5s`.
     #[serde(default = "default_introspection_cache_ttl", with = "duration")]
     pub introspection_cache_ttl: Duration,
+    /// When set, every configured issuer must also have published a heartbeat
+    /// (`revsync publish heartbeat`) within this long, or the denylist counts as stale:
+    /// proof that the publisher itself is alive, not just the broker. Default none.
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub heartbeat_max_age: Option<Duration>,
 }
 
 /// An issuer's RFC 7662 introspection endpoint, used only under `on_stale = "introspect"`.
@@ -402,6 +411,7 @@ impl Default for FreshnessConfig {
             on_stale: OnStale::default(),
             introspection_timeout: default_introspection_timeout(),
             introspection_cache_ttl: default_introspection_cache_ttl(),
+            heartbeat_max_age: None,
         }
     }
 }
@@ -705,6 +715,22 @@ pub mod duration {
     }
 }
 
+/// Optional durations: absent, or a human string.
+pub mod opt_duration {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        duration::deserialize(d).map(Some)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -740,6 +766,21 @@ audiences = ["https://api.example.com"]
         let text = format!("{MINIMAL}\n[store]\npaht = \"/x\"\n");
         let err = Config::parse(&text, no_env()).unwrap_err().to_string();
         assert!(err.contains("paht"), "{err}");
+    }
+
+    #[test]
+    fn heartbeat_max_age_is_optional() {
+        assert_eq!(
+            Config::parse(MINIMAL, no_env())
+                .unwrap()
+                .freshness
+                .heartbeat_max_age,
+            None
+        );
+        let text = format!("{MINIMAL}\n[freshness]\nheartbeat_max_age = \"1m\"\n");
+        let c = Config::parse(&text, no_env()).unwrap();
+        assert_eq!(c.freshness.heartbeat_max_age, Some(Duration::from_secs(60)));
+        assert_eq!(Config::parse(&c.to_redacted_toml(), no_env()).unwrap(), c);
     }
 
     #[test]

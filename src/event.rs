@@ -122,8 +122,24 @@ impl DecodeError {
     }
 }
 
-/// Decodes one native v1 record value. Unknown fields are ignored (forward compatible).
+/// A native v1 record: a revocation, or a publisher's heartbeat (`type: "heartbeat"`),
+/// which revokes nothing but proves the publisher → Kafka → revsync path is alive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NativeRecord {
+    Event(Event),
+    Heartbeat { iss: String, event_time: u64 },
+}
+
+/// Decodes one native v1 revocation. A heartbeat is an error here: it revokes nothing.
 pub fn decode_native(bytes: &[u8]) -> Result<Event, DecodeError> {
+    match decode_native_record(bytes)? {
+        NativeRecord::Event(e) => Ok(e),
+        NativeRecord::Heartbeat { .. } => Err(DecodeError::Invalid("a heartbeat revokes nothing")),
+    }
+}
+
+/// Decodes one native v1 record value. Unknown fields are ignored (forward compatible).
+pub fn decode_native_record(bytes: &[u8]) -> Result<NativeRecord, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
@@ -138,7 +154,7 @@ pub fn decode_native(bytes: &[u8]) -> Result<Event, DecodeError> {
     decode_native_object(&obj)
 }
 
-fn decode_native_object(obj: &Map<String, Value>) -> Result<Event, DecodeError> {
+fn decode_native_object(obj: &Map<String, Value>) -> Result<NativeRecord, DecodeError> {
     match obj.get("v") {
         None => return Err(DecodeError::MissingField("v")),
         Some(v) if v.as_u64() == Some(1) => {}
@@ -178,14 +194,21 @@ fn decode_native_object(obj: &Map<String, Value>) -> Result<Event, DecodeError> 
             iss,
             not_before: not_before()?,
         },
+        "heartbeat" => return Ok(NativeRecord::Heartbeat { iss, event_time }),
         _ => return Err(DecodeError::UnknownType),
     };
-    Ok(Event {
+    Ok(NativeRecord::Event(Event {
         id,
         event_time,
         revocation,
         reason,
-    })
+    }))
+}
+
+/// The native v1 JSON of a heartbeat from `iss` (record key: `iss` + `\n`).
+pub fn encode_heartbeat(id: &str, iss: &str, event_time: u64) -> String {
+    serde_json::json!({"v": 1, "id": id, "type": "heartbeat", "iss": iss, "event_time": event_time})
+        .to_string()
 }
 
 fn req_str(obj: &Map<String, Value>, field: &'static str) -> Result<String, DecodeError> {
@@ -403,6 +426,29 @@ mod tests {
         }
         let big = format!(r#"{{"v":1,"pad":"{}"}}"#, "x".repeat(MAX_EVENT_BYTES));
         assert_eq!(decode(&big).unwrap_err().reason(), "too_large");
+    }
+
+    #[test]
+    fn heartbeats_decode_as_records_but_not_as_revocations() {
+        let hb = encode_heartbeat("h1", "I", 1234);
+        assert_eq!(
+            decode_native_record(hb.as_bytes()).unwrap(),
+            NativeRecord::Heartbeat {
+                iss: "I".into(),
+                event_time: 1234
+            }
+        );
+        assert_eq!(
+            decode_native(hb.as_bytes()).unwrap_err().reason(),
+            "invalid"
+        );
+        let no_iss = r#"{"v":1,"id":"h","type":"heartbeat","event_time":1}"#;
+        assert_eq!(
+            decode_native_record(no_iss.as_bytes())
+                .unwrap_err()
+                .reason(),
+            "missing_field"
+        );
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub struct Freshness {
     config: FreshnessConfig,
     ingest: Arc<IngestState>,
     introspector: Option<Arc<Introspector>>,
+    /// Issuers whose heartbeats must be fresh, when `heartbeat_max_age` is set.
+    heartbeat_issuers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -27,6 +29,9 @@ pub struct FreshnessView {
     pub stale: bool,
     /// The store refuses writes, so revocations may be missing however young `age_ms` is.
     pub store_failing: bool,
+    /// `heartbeat_max_age` is set and some issuer's newest heartbeat is older (or none
+    /// was seen): its publisher may be down, so the denylist may be missing revocations.
+    pub heartbeat_missing: bool,
 }
 
 impl Freshness {
@@ -35,7 +40,14 @@ impl Freshness {
             config,
             ingest,
             introspector: None,
+            heartbeat_issuers: Vec::new(),
         }
+    }
+
+    /// Requires a heartbeat from each of `issuers` within `heartbeat_max_age` (if set).
+    pub fn with_heartbeats(mut self, issuers: Vec<String>) -> Self {
+        self.heartbeat_issuers = issuers;
+        self
     }
 
     /// Adds the RFC 7662 client the `introspect` policy asks.
@@ -64,11 +76,20 @@ impl Freshness {
             .caught_up_at_ms()
             .map(|t| now_ms.saturating_sub(t));
         let store_failing = self.ingest.store_failing();
+        let heartbeat_missing = self.config.heartbeat_max_age.is_some_and(|limit| {
+            let limit = limit.as_millis() as u64;
+            self.heartbeat_issuers.iter().any(|iss| {
+                self.ingest
+                    .last_heartbeat_ms(iss)
+                    .is_none_or(|t| now_ms.saturating_sub(t) > limit)
+            })
+        });
         FreshnessView {
             age_ms,
             max_staleness_ms: max,
-            stale: store_failing || age_ms.is_none_or(|a| a > max),
+            stale: store_failing || heartbeat_missing || age_ms.is_none_or(|a| a > max),
             store_failing,
+            heartbeat_missing,
         }
     }
 

@@ -34,7 +34,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::{EventFormat, KafkaConfig, TopicConfig};
 use crate::denylist::{Denylist, Position};
-use crate::event::{self, Event};
+use crate::event::{self, Event, NativeRecord};
 use crate::formats::set::SetVerifier;
 use crate::formats::{keycloak, Decoded, FormatError};
 use crate::metrics::{Metrics, PartitionLabels, TopicLabels};
@@ -60,6 +60,8 @@ pub struct IngestState {
     caught_up_at_ms: AtomicU64,
     /// Set when the store refuses writes: the denylist cannot be trusted to be complete.
     store_failing: AtomicBool,
+    /// Newest heartbeat per issuer (unix ms of the record), for `freshness.heartbeat_max_age`.
+    heartbeats: RwLock<BTreeMap<String, u64>>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -98,6 +100,19 @@ impl IngestState {
         if before == 0 {
             info!("caught up with every partition");
         }
+    }
+
+    /// Records a heartbeat from `iss` sent at `at_ms`.
+    pub fn record_heartbeat(&self, iss: &str, at_ms: u64) {
+        let mut map = self.heartbeats.write().unwrap_or_else(|p| p.into_inner());
+        let t = map.entry(iss.to_string()).or_insert(0);
+        *t = (*t).max(at_ms);
+    }
+
+    /// Unix ms of the newest heartbeat from `iss`, if any.
+    pub fn last_heartbeat_ms(&self, iss: &str) -> Option<u64> {
+        let map = self.heartbeats.read().unwrap_or_else(|p| p.into_inner());
+        map.get(iss).copied()
     }
 
     pub fn store_failing(&self) -> bool {
@@ -378,12 +393,21 @@ impl Reader {
                 } else {
                     0
                 };
-                let decoded = decode(
-                    cfg,
-                    msg.payload().unwrap_or_default(),
-                    self.sets.as_ref(),
-                    seen_at_ms,
-                );
+                let payload = msg.payload().unwrap_or_default();
+                let decoded = match format {
+                    // Native topics may carry heartbeats, which feed freshness, not the store.
+                    EventFormat::Native => match event::decode_native_record(payload) {
+                        Ok(NativeRecord::Event(e)) => Ok(Some(e)),
+                        Ok(NativeRecord::Heartbeat { iss, event_time }) => {
+                            let sent = msg.timestamp().to_millis().map(|t| t.max(0) as u64);
+                            self.state
+                                .record_heartbeat(&iss, sent.unwrap_or(event_time * 1000));
+                            Ok(None)
+                        }
+                        Err(e) => Err(FormatError::from(e)),
+                    },
+                    _ => decode(cfg, payload, self.sets.as_ref(), seen_at_ms),
+                };
                 match decoded {
                     Ok(Some(event)) => {
                         origins.push(Origin {

@@ -87,6 +87,16 @@ async fn start(
     policy: OnStale,
     introspect_url: &str,
 ) -> Running {
+    start_with(broker, jwks, policy, introspect_url, |_| {}).await
+}
+
+async fn start_with(
+    broker: &Broker,
+    jwks: &JwksServer,
+    policy: OnStale,
+    introspect_url: &str,
+    adjust: impl FnOnce(&mut Config),
+) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::new(broker.bootstrap(), dir.path().join("store"));
     config.kafka.topics = vec![TopicConfig {
@@ -106,6 +116,7 @@ async fn start(
     config.freshness.max_staleness = Duration::from_millis(1500);
     config.freshness.on_stale = policy;
     config.freshness.introspection_timeout = Duration::from_millis(500);
+    adjust(&mut config);
     config.validate().unwrap();
     let listener = Listener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.describe().parse().unwrap();
@@ -337,5 +348,104 @@ async fn a_backlog_at_start_up_keeps_revsync_unready_until_it_is_applied() {
         saw_unready,
         "a {n}-event backlog is not applied before the first readiness probe"
     );
+    r.stop().await;
+}
+
+fn heartbeats(broker: &Broker, iss: &str) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_revsync"))
+        .args([
+            "publish",
+            "--brokers",
+            &broker.bootstrap(),
+            "--topic",
+            "rev",
+            "heartbeat",
+            "--iss",
+            iss,
+            "--every",
+            "200ms",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_publisher_makes_the_denylist_stale_even_with_the_broker_up() {
+    let broker = Broker::memory();
+    broker.create_topic("rev", 2);
+    let key = TestKey::ec_p256("k1");
+    let jwks = JwksServer::with_keys(&[&key]).await;
+    let r = start_with(
+        &broker,
+        &jwks,
+        OnStale::Deny,
+        "http://127.0.0.1:1/unused",
+        |c| {
+            c.freshness.heartbeat_max_age = Some(Duration::from_millis(1500));
+        },
+    )
+    .await;
+    let token = key.sign(&claims_with(&jwks.issuer(), "api", json!({ "sub": "hb" })));
+    let client = reqwest::Client::new();
+    let status = || async {
+        let s: Value = client
+            .get(format!("http://{}/v1/status", r.addr))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        s
+    };
+
+    // Caught up with the bus, but no heartbeat yet: not ready, and it says why.
+    wait_until("caught up", Duration::from_secs(30), || async {
+        status().await["freshness"]["age_ms"].is_u64()
+    })
+    .await;
+    assert!(!ready(&r).await);
+    assert_eq!(
+        status().await["freshness"]["heartbeat_missing"],
+        json!(true)
+    );
+    assert_eq!(check(&r, &token).await.1["reason"], json!("stale"));
+
+    let mut publisher = heartbeats(&broker, &jwks.issuer());
+    wait_until("ready with heartbeats", Duration::from_secs(30), || {
+        ready(&r)
+    })
+    .await;
+    assert_eq!(check(&r, &token).await.1["active"], json!(true));
+
+    // The publisher stops; the broker and revsync are fine, the answer is not vouched for.
+    let _ = publisher.kill();
+    let _ = publisher.wait();
+    wait_until(
+        "stale without heartbeats",
+        Duration::from_secs(10),
+        || async { !ready(&r).await },
+    )
+    .await;
+    assert_eq!(
+        status().await["freshness"]["heartbeat_missing"],
+        json!(true)
+    );
+    assert!(
+        status().await["freshness"]["age_ms"].as_u64().unwrap() < 1500,
+        "the bus itself is fresh"
+    );
+    assert_eq!(
+        check(&r, &token).await.1,
+        json!({"active": false, "reason": "stale", "undecided": true})
+    );
+
+    let mut publisher = heartbeats(&broker, &jwks.issuer());
+    wait_until("fresh again", Duration::from_secs(30), || ready(&r)).await;
+    assert_eq!(check(&r, &token).await.1["active"], json!(true));
+    let _ = publisher.kill();
+    let _ = publisher.wait();
     r.stop().await;
 }

@@ -1,6 +1,6 @@
 //! The JSON Schema in `schemas/` and the native decoder agree on every example.
 
-use revsync::event::decode_native;
+use revsync::event::decode_native_record;
 use serde_json::Value;
 
 #[test]
@@ -15,7 +15,7 @@ fn decoder_and_schema_agree_on_valid_and_invalid_examples() {
         let event = &case["event"];
         let expected = case["valid"].as_bool().unwrap();
         let by_schema = validator.is_valid(event);
-        let by_decoder = decode_native(event.to_string().as_bytes());
+        let by_decoder = decode_native_record(event.to_string().as_bytes());
         assert_eq!(
             by_schema,
             expected,
