@@ -16,7 +16,7 @@ use crate::denylist::{Denylist, Retention};
 use crate::formats::set::SetVerifier;
 use crate::freshness::{Freshness, Introspector};
 use crate::ingest::{self, IngestState};
-use crate::metrics::{IssuerLabels, KindLabels, Metrics};
+use crate::metrics::{CheckLabels, IssuerLabels, KindLabels, Metrics, TopicLabels};
 use crate::ssf::{self, Bridge, Receiver, Sink};
 use crate::token::TokenValidator;
 
@@ -73,6 +73,25 @@ pub async fn run(
     // on its first increment is invisible to rate()/increase(), and absent from /metrics.
     for kind in ["token", "subject", "session", "client", "issuer"] {
         let _ = metrics.entries_expired.get_or_create(&KindLabels { kind });
+    }
+    for t in &config.kafka.topics {
+        let labels = TopicLabels {
+            topic: t.name.clone(),
+            format: t.format.as_str(),
+        };
+        let _ = metrics.events_applied.get_or_create(&labels);
+        let _ = metrics.events_ignored.get_or_create(&labels);
+    }
+    for (outcome, reason) in [
+        ("active", "none"),
+        ("inactive", "revoked"),
+        ("error", "stale"),
+    ] {
+        let _ = metrics.introspections.get_or_create(&CheckLabels {
+            route: "stale_policy",
+            outcome,
+            reason,
+        });
     }
     for i in &config.issuers {
         let labels = IssuerLabels {

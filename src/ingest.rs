@@ -45,6 +45,9 @@ use crate::{unix_now, unix_now_ms};
 const ASSIGN_ONLY_GROUP: &str = "revsync-assign-only";
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 const BROKER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The watcher's metadata and watermark calls: short, so a dead broker delays neither
+/// the next round nor shutdown by much; a missed round only postpones a confirmation.
+const WATCH_TIMEOUT: Duration = Duration::from_secs(2);
 const STORE_RETRY: Duration = Duration::from_millis(500);
 /// First wait before a held partition's record is retried; doubles up to `HOLD_MAX`.
 const HOLD_MIN: Duration = Duration::from_millis(500);
@@ -599,6 +602,10 @@ impl Reader {
                     .unwrap_or(-1),
             );
             info!(topic, partition, ?offset, "assigned partition");
+            let _ = self.metrics.offset_resets.get_or_create(&PartitionLabels {
+                topic: topic.clone(),
+                partition: *partition,
+            });
         }
         if tpl.count() == 0 {
             return;
@@ -848,7 +855,7 @@ impl Watcher {
 
     fn refresh_metadata(&mut self) {
         for topic in &self.topics {
-            let md = match self.consumer.fetch_metadata(Some(topic), BROKER_TIMEOUT) {
+            let md = match self.consumer.fetch_metadata(Some(topic), WATCH_TIMEOUT) {
                 Ok(md) => md,
                 Err(e) => {
                     warn!(topic, error = %e, "cannot read topic metadata");
@@ -910,7 +917,7 @@ impl Watcher {
             }
             let marks = self
                 .consumer
-                .fetch_watermarks(&topic, partition, BROKER_TIMEOUT);
+                .fetch_watermarks(&topic, partition, WATCH_TIMEOUT);
             let mut map = self
                 .state
                 .partitions
