@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::response::IntoResponse;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -51,6 +52,79 @@ impl Listener {
         }
     }
 
+    /// Serves `app` until `stop` is cancelled, then lets in-flight requests finish
+    /// (the caller bounds how long). Unlike `axum::serve`, a client that trickles its
+    /// headers is cut off after `limits.header_read_timeout`, and a request that takes
+    /// longer than `limits.request_timeout` (a body sent slowly, say) is answered 408.
+    pub async fn serve(
+        self,
+        app: axum::Router,
+        limits: &crate::config::HttpConfig,
+        stop: CancellationToken,
+    ) -> std::io::Result<()> {
+        let deadline = limits.request_timeout;
+        let max_body = limits.max_body_bytes as u64;
+        let app = app.layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| async move {
+                // A declared length over the limit is refused before any byte is read.
+                let declared = req
+                    .headers()
+                    .get(axum::http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                if declared.is_some_and(|n| n > max_body) {
+                    return axum::http::StatusCode::PAYLOAD_TOO_LARGE.into_response();
+                }
+                match tokio::time::timeout(deadline, next.run(req)).await {
+                    Ok(resp) => resp,
+                    Err(_) => axum::http::StatusCode::REQUEST_TIMEOUT.into_response(),
+                }
+            },
+        ));
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_headers(128);
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => break,
+                a = self.accept() => a,
+            };
+            let io = match accepted {
+                Ok(io) => io,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off rather than spin.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            let conn = graceful.watch(http.serve_connection(io, service));
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            });
+        }
+        // Dropping the listener refuses new connections at once.
+        drop(self);
+        graceful.shutdown().await;
+        Ok(())
+    }
+
+    async fn accept(&self) -> std::io::Result<hyper_util::rt::TokioIo<Conn>> {
+        Ok(hyper_util::rt::TokioIo::new(match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Conn::Tcp(s)
+            }
+            Listener::Unix(l, _) => Conn::Unix(l.accept().await?.0),
+        }))
+    }
+
     pub fn describe(&self) -> String {
         match self {
             Listener::Tcp(l) => l
@@ -58,6 +132,56 @@ impl Listener {
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "?".into()),
             Listener::Unix(_, p) => format!("unix:{}", p.display()),
+        }
+    }
+}
+
+/// An accepted connection of either listener kind.
+pub enum Conn {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+impl tokio::io::AsyncRead for Conn {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Conn::Unix(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Conn {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Conn::Unix(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Conn::Unix(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Conn::Unix(s) => std::pin::Pin::new(s).poll_shutdown(cx),
         }
     }
 }
@@ -174,7 +298,12 @@ pub async fn run(
                 &ssf_config.path,
                 ssf_config.max_body_bytes,
             );
-            let task = tokio::spawn(ssf::serve(listener, app, shutdown.clone()));
+            let limits = crate::config::HttpConfig {
+                max_body_bytes: ssf_config.max_body_bytes,
+                ..config.http.clone()
+            };
+            let stop = shutdown.clone();
+            let task = tokio::spawn(async move { listener.serve(app, &limits, stop).await });
             Some((receiver, task))
         }
         _ => None,
@@ -218,21 +347,8 @@ pub async fn run(
 
     let grace = config.http.shutdown_grace;
     let stop = shutdown.clone();
-    let serve = async move {
-        match listener {
-            Listener::Tcp(l) => {
-                axum::serve(l, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await
-            }
-            Listener::Unix(l, _) => {
-                axum::serve(l, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await
-            }
-        }
-    };
-    let server = tokio::spawn(serve);
+    let http_limits = config.http.clone();
+    let server = tokio::spawn(async move { listener.serve(app, &http_limits, stop).await });
     shutdown.cancelled().await;
     info!(grace = ?grace, "shutting down: draining requests");
     match tokio::time::timeout(grace, server).await {

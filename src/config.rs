@@ -74,6 +74,14 @@ pub struct HttpConfig {
     /// How long shutdown waits for in-flight requests. Default `10s`.
     #[serde(default = "default_drain", with = "duration")]
     pub shutdown_grace: Duration,
+    /// How long a client may take to send a request's headers; slower connections are
+    /// closed (slowloris). Default `5s`.
+    #[serde(default = "default_header_timeout", with = "duration")]
+    pub header_read_timeout: Duration,
+    /// Longest time from headers received to answer, body included; past it the answer
+    /// is 408. Must exceed the JWKS and introspection timeouts. Default `15s`.
+    #[serde(default = "default_request_timeout", with = "duration")]
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -333,6 +341,12 @@ fn default_max_body() -> usize {
 fn default_drain() -> Duration {
     Duration::from_secs(10)
 }
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(15)
+}
 fn default_store_path() -> PathBuf {
     PathBuf::from(DEFAULT_STORE_PATH)
 }
@@ -392,6 +406,8 @@ impl Default for HttpConfig {
             listen: default_listen(),
             max_body_bytes: default_max_body(),
             shutdown_grace: default_drain(),
+            header_read_timeout: default_header_timeout(),
+            request_timeout: default_request_timeout(),
         }
     }
 }

@@ -34,10 +34,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::app::Listener;
 use crate::config::{KafkaConfig, SsfConfig};
 use crate::denylist::Denylist;
 use crate::event::Event;
@@ -150,26 +148,6 @@ pub fn router(receiver: Arc<Receiver>, path: &str, max_body_bytes: usize) -> Rou
         .route(path, post(receive))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(receiver)
-}
-
-/// Serves `app` on `listener` until `stop` is cancelled.
-pub async fn serve(
-    listener: Listener,
-    app: Router,
-    stop: CancellationToken,
-) -> std::io::Result<()> {
-    match listener {
-        Listener::Tcp(l) => {
-            axum::serve(l, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        }
-        Listener::Unix(l, _) => {
-            axum::serve(l, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        }
-    }
 }
 
 fn error_body(status: StatusCode, err: &str, description: &str) -> Response {
