@@ -1,174 +1,26 @@
 //! The HTTP API (DESIGN.md, "HTTP API"; invariants 5-7) driven through the real router
-//! with `oneshot`: no socket, but a real JWKS server, a real (temporary) sled denylist,
-//! real token validation and real freshness state.
+//! with `oneshot` (tests/common/router.rs): no socket, but a real JWKS server, a real
+//! (temporary) sled denylist, real token validation and real freshness state.
 
 mod common;
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use axum::body::Body;
-use axum::http::{header, HeaderMap, Method, Request, StatusCode};
-use axum::Router;
-use common::jwt::{claims_with, now, JwksServer, TestKey};
+use axum::http::{Method, StatusCode};
+use common::jwt::{claims_with, now, TestKey};
+use common::router::{Harness, Opts, Resp, AUD, MAX_BODY};
 use jsonwebtoken::Algorithm;
-use revsync::api::{router, AppState, Checker};
-use revsync::config::{FreshnessConfig, IssuerConfig, OnStale};
-use revsync::denylist::{Denylist, Retention};
-use revsync::event::{Event, Revocation};
-use revsync::freshness::Freshness;
-use revsync::ingest::IngestState;
-use revsync::metrics::Metrics;
-use revsync::token::TokenValidator;
+use revsync::config::OnStale;
+use revsync::event::Revocation;
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
-
-const AUD: &str = "https://api.example.com";
-const MAX_BODY: usize = 16 * 1024;
 
 // ---------------------------------------------------------------------------------------
-// Harness
+// Harness: the requests of these tests
 
-#[derive(Clone, Copy)]
-struct Opts {
-    on_stale: OnStale,
-    caught_up: bool,
-    require_typ: bool,
-    /// The JWKS server refuses every request from the start: keys never load.
-    jwks_down: bool,
-}
-
-impl Default for Opts {
-    fn default() -> Self {
-        Opts {
-            on_stale: OnStale::Deny,
-            caught_up: true,
-            require_typ: false,
-            jwks_down: false,
-        }
-    }
-}
-
-struct Harness {
-    app: Router,
-    key: TestKey,
-    iss: String,
-    denylist: Arc<Denylist>,
-    ingest: Arc<IngestState>,
-    metrics: Arc<Metrics>,
-    cancel: CancellationToken,
-    _server: JwksServer,
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        self.cancel.cancel();
-    }
-}
+const JSON: (&str, &str) = ("content-type", "application/json");
 
 impl Harness {
-    async fn new(opts: Opts) -> Self {
-        let key = TestKey::ec_p256("k1");
-        let server = JwksServer::with_keys(&[&key]).await;
-        server.set_down(opts.jwks_down);
-        let mut issuer: IssuerConfig = server.issuer_config(AUD);
-        issuer.require_typ = opts.require_typ;
-        let iss = server.issuer();
-        let metrics = Arc::new(Metrics::new());
-        let cancel = CancellationToken::new();
-        let validator = TokenValidator::start(
-            &[issuer],
-            reqwest::Client::new(),
-            metrics.clone(),
-            1000,
-            cancel.clone(),
-        )
-        .await;
-        let denylist = Arc::new(
-            Denylist::temporary(Retention::new(
-                Duration::from_secs(24 * 3600),
-                Duration::from_secs(30),
-            ))
-            .unwrap(),
-        );
-        let ingest = IngestState::new();
-        if opts.caught_up {
-            ingest.record_caught_up(revsync::unix_now_ms());
-        }
-        let freshness = Freshness::new(
-            FreshnessConfig {
-                max_staleness: Duration::from_secs(30),
-                on_stale: opts.on_stale,
-                ..FreshnessConfig::default()
-            },
-            ingest.clone(),
-        );
-        let checker = Arc::new(Checker {
-            validator,
-            denylist: denylist.clone(),
-            freshness,
-            ingest: ingest.clone(),
-            metrics: metrics.clone(),
-        });
-        let app = router(AppState {
-            checker,
-            max_body_bytes: MAX_BODY,
-        });
-        Harness {
-            app,
-            key,
-            iss,
-            denylist,
-            ingest,
-            metrics,
-            cancel,
-            _server: server,
-        }
-    }
-
-    /// A token of this issuer for `AUD`, `iat` 10 s ago, with `changes` merged in.
-    fn token(&self, changes: Value) -> String {
-        let mut c = json!({"iat": now() - 10});
-        merge(&mut c, &changes);
-        self.key.sign(&claims_with(&self.iss, AUD, c))
-    }
-
-    fn revoke(&self, revocation: Revocation) {
-        let event = Event {
-            id: format!("ev-{}", revsync::unix_now_ms()),
-            event_time: now(),
-            revocation,
-            reason: None,
-        };
-        let outcome = self.denylist.apply(&[event], &[], now()).unwrap();
-        assert_eq!(outcome.changed, 1, "revocation stored");
-    }
-
-    async fn send(&self, req: Request<Body>) -> Resp {
-        let resp = self.app.clone().oneshot(req).await.unwrap();
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
-            .await
-            .unwrap()
-            .to_vec();
-        Resp {
-            status,
-            headers,
-            body,
-        }
-    }
-
     async fn get(&self, path: &str) -> Resp {
-        self.send(
-            Request::builder()
-                .method(Method::GET)
-                .uri(path)
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await
+        self.request(Method::GET, path, &[], Body::empty()).await
     }
 
     /// `POST /v1/check` with JSON `{"token": …}`.
@@ -177,41 +29,21 @@ impl Harness {
     }
 
     async fn check_body(&self, body: impl Into<Body>) -> Resp {
-        self.send(
-            Request::builder()
-                .method(Method::POST)
-                .uri("/v1/check")
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(body.into())
-                .unwrap(),
-        )
-        .await
+        self.request(Method::POST, "/v1/check", &[JSON], body).await
     }
 
     /// `POST /v1/check` with no body and this `Authorization` header.
     async fn check_header(&self, authorization: &str) -> Resp {
-        self.send(
-            Request::builder()
-                .method(Method::POST)
-                .uri("/v1/check")
-                .header(header::AUTHORIZATION, authorization)
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await
+        let headers = [("authorization", authorization)];
+        self.request(Method::POST, "/v1/check", &headers, Body::empty())
+            .await
     }
 
     /// `POST /introspect` with this form body.
     async fn introspect_form(&self, form: &str) -> Resp {
-        self.send(
-            Request::builder()
-                .method(Method::POST)
-                .uri("/introspect")
-                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-                .body(Body::from(form.to_string()))
-                .unwrap(),
-        )
-        .await
+        let headers = [("content-type", "application/x-www-form-urlencoded")];
+        self.request(Method::POST, "/introspect", &headers, form.to_string())
+            .await
     }
 
     async fn introspect(&self, token: &str) -> Resp {
@@ -220,11 +52,15 @@ impl Harness {
     }
 
     async fn authz(&self, method: Method, path: &str, authorization: Option<&str>) -> Resp {
-        let mut req = Request::builder().method(method).uri(path);
-        if let Some(a) = authorization {
-            req = req.header(header::AUTHORIZATION, a);
-        }
-        self.send(req.body(Body::empty()).unwrap()).await
+        let header = authorization.map(|a| ("authorization", a));
+        self.request(method, path, header.as_slice(), Body::empty())
+            .await
+    }
+
+    /// `GET /v1/authz` with `Authorization: Bearer <token>`.
+    async fn authz_bearer(&self, token: &str) -> Resp {
+        self.authz(Method::GET, "/v1/authz", Some(&bearer(token)))
+            .await
     }
 
     /// `/v1/check` answers `{"active":false,"reason":reason}`, exactly.
@@ -245,54 +81,6 @@ impl Harness {
         assert_eq!(body["active"], json!(true), "expected active: {body}");
         assert!(r.headers.get("x-revsync-stale").is_none());
         body
-    }
-}
-
-struct Resp {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "body is not JSON ({e}): {:?}",
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(|v| v.to_str().unwrap())
-    }
-
-    /// Invariant 6: neither a header nor the body carries `secret`.
-    fn assert_does_not_echo(&self, secret: &str) {
-        assert!(
-            !self.text().contains(secret),
-            "body echoes a secret: {}",
-            self.text()
-        );
-        for (name, value) in &self.headers {
-            assert!(
-                !String::from_utf8_lossy(value.as_bytes()).contains(secret),
-                "header {name} echoes a secret"
-            );
-        }
-    }
-}
-
-fn merge(target: &mut Value, changes: &Value) {
-    if let (Some(t), Some(c)) = (target.as_object_mut(), changes.as_object()) {
-        for (k, v) in c {
-            t.insert(k.clone(), v.clone());
-        }
     }
 }
 
@@ -335,15 +123,9 @@ async fn check_active_from_body_and_from_bearer_header() {
     assert_eq!(body["scope"], json!("a b"));
 
     // JSON body without `token` falls back to the header.
+    let auth = bearer(&token);
     let r = h
-        .send(
-            Request::builder()
-                .method(Method::POST)
-                .uri("/v1/check")
-                .header(header::AUTHORIZATION, bearer(&token))
-                .body(Body::from("{}"))
-                .unwrap(),
-        )
+        .request(Method::POST, "/v1/check", &[("authorization", &auth)], "{}")
         .await;
     assert_eq!(r.json()["active"], json!(true));
 }
@@ -518,7 +300,7 @@ async fn check_revoked_for_each_kind_and_only_the_matching_tokens() {
     // The other routes agree.
     let r = h.introspect(&hit).await;
     assert_eq!(r.json(), json!({"active": false}));
-    let r = h.authz(Method::GET, "/v1/authz", Some(&bearer(&hit))).await;
+    let r = h.authz_bearer(&hit).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert!(r
         .header("www-authenticate")
@@ -534,11 +316,7 @@ async fn a_cached_verification_is_still_checked_against_the_denylist() {
     h.assert_active(&token).await;
     let hits_before = h.metrics.cache_hits.get();
     assert!(hits_before >= 1, "second check was a cache hit");
-    h.revoke(Revocation::Token {
-        iss: h.iss.clone(),
-        jti: "jti-cached".into(),
-        exp: None,
-    });
+    h.revoke_jti("jti-cached");
     h.assert_inactive(&token, "revoked").await;
     assert_eq!(
         h.metrics.cache_hits.get(),
@@ -551,11 +329,7 @@ async fn a_cached_verification_is_still_checked_against_the_denylist() {
 
 #[tokio::test]
 async fn check_stale_denies_or_allows_by_policy() {
-    let deny = Harness::new(Opts {
-        caught_up: false,
-        ..Opts::default()
-    })
-    .await;
+    let deny = Harness::new(Opts::never_caught_up(OnStale::Deny)).await;
     let token = deny.token(json!({}));
     let r = deny.check(&token).await;
     assert_eq!(r.status, StatusCode::OK);
@@ -577,24 +351,14 @@ async fn check_stale_denies_or_allows_by_policy() {
     deny.assert_active(&token).await;
 
     // `introspect` has no client yet: it must not answer active.
-    let intro = Harness::new(Opts {
-        caught_up: false,
-        on_stale: OnStale::Introspect,
-        ..Opts::default()
-    })
-    .await;
+    let intro = Harness::new(Opts::never_caught_up(OnStale::Introspect)).await;
     let r = intro.check(&intro.token(json!({}))).await;
     assert_eq!(
         r.json(),
         json!({"active": false, "reason": "stale", "undecided": true})
     );
 
-    let allow = Harness::new(Opts {
-        caught_up: false,
-        on_stale: OnStale::Allow,
-        ..Opts::default()
-    })
-    .await;
+    let allow = Harness::new(Opts::never_caught_up(OnStale::Allow)).await;
     let token = allow.token(json!({"sub": "alice"}));
     let r = allow.check(&token).await;
     assert_eq!(r.status, StatusCode::OK);
@@ -723,11 +487,7 @@ async fn introspect_answers_rfc7662() {
 
 #[tokio::test]
 async fn introspect_stale_is_plainly_inactive() {
-    let h = Harness::new(Opts {
-        caught_up: false,
-        ..Opts::default()
-    })
-    .await;
+    let h = Harness::new(Opts::never_caught_up(OnStale::Deny)).await;
     let r = h.introspect(&h.token(json!({}))).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json(), json!({"active": false}));
@@ -740,12 +500,7 @@ async fn introspect_stale_is_plainly_inactive() {
     let r = down.introspect(&down.token(json!({}))).await;
     assert_eq!(r.json(), json!({"active": false}));
 
-    let allow = Harness::new(Opts {
-        caught_up: false,
-        on_stale: OnStale::Allow,
-        ..Opts::default()
-    })
-    .await;
+    let allow = Harness::new(Opts::never_caught_up(OnStale::Allow)).await;
     let r = allow.introspect(&allow.token(json!({}))).await;
     let body = r.json();
     assert_eq!(body["active"], json!(true));
@@ -812,11 +567,7 @@ async fn authz_unauthorized_and_undecided() {
 
     let t = now();
     let revoked = h.token(json!({"jti": "jti-az"}));
-    h.revoke(Revocation::Token {
-        iss: h.iss.clone(),
-        jti: "jti-az".into(),
-        exp: None,
-    });
+    h.revoke_jti("jti-az");
     for (token, reason) in [
         ("garbage".to_string(), "malformed"),
         (String::new(), "malformed"),
@@ -838,34 +589,15 @@ async fn authz_unauthorized_and_undecided() {
         }
     }
 
-    let stale = Harness::new(Opts {
-        caught_up: false,
-        ..Opts::default()
-    })
-    .await;
-    let r = stale
-        .authz(
-            Method::GET,
-            "/v1/authz",
-            Some(&bearer(&stale.token(json!({})))),
-        )
-        .await;
+    let stale = Harness::new(Opts::never_caught_up(OnStale::Deny)).await;
+    let r = stale.authz_bearer(&stale.token(json!({}))).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(r.header("x-revsync-reason"), Some("stale"));
     assert!(r.header("x-auth-subject").is_none());
 
-    let allow = Harness::new(Opts {
-        caught_up: false,
-        on_stale: OnStale::Allow,
-        ..Opts::default()
-    })
-    .await;
+    let allow = Harness::new(Opts::never_caught_up(OnStale::Allow)).await;
     let r = allow
-        .authz(
-            Method::GET,
-            "/v1/authz",
-            Some(&bearer(&allow.token(json!({"sub": "alice"})))),
-        )
+        .authz_bearer(&allow.token(json!({"sub": "alice"})))
         .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.header("x-auth-subject"), Some("alice"));
@@ -880,9 +612,7 @@ async fn keys_never_loaded_is_undecided_not_inactive() {
     })
     .await;
     let token = h.token(json!({}));
-    let r = h
-        .authz(Method::GET, "/v1/authz", Some(&bearer(&token)))
-        .await;
+    let r = h.authz_bearer(&token).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(r.header("x-revsync-reason"), Some("unknown_key"));
     let r = h.check(&token).await;
@@ -910,11 +640,7 @@ async fn keys_never_loaded_is_undecided_not_inactive() {
 
 #[tokio::test]
 async fn health_and_readiness() {
-    let h = Harness::new(Opts {
-        caught_up: false,
-        ..Opts::default()
-    })
-    .await;
+    let h = Harness::new(Opts::never_caught_up(OnStale::Deny)).await;
     let r = h.get("/healthz").await;
     assert_eq!(r.status, StatusCode::OK);
 
@@ -937,15 +663,7 @@ async fn health_and_readiness() {
     assert_eq!(body["freshness"]["stale"], json!(false));
     assert_eq!(body["freshness"]["max_staleness_ms"], json!(30_000));
 
-    let r = h
-        .send(
-            Request::builder()
-                .method(Method::POST)
-                .uri("/readyz")
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await;
+    let r = h.request(Method::POST, "/readyz", &[], Body::empty()).await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(h.get("/nope").await.status, StatusCode::NOT_FOUND);
 }
@@ -957,15 +675,10 @@ async fn metrics_count_checks_and_never_carry_secrets() {
     let jti = "jti-metrics-secret-4712";
     let token = h.token(json!({"sub": sub, "jti": jti, "sid": "sid-metrics-4713"}));
     h.assert_active(&token).await;
-    h.revoke(Revocation::Token {
-        iss: h.iss.clone(),
-        jti: jti.into(),
-        exp: None,
-    });
+    h.revoke_jti(jti);
     h.assert_inactive(&token, "revoked").await;
     h.introspect(&token).await;
-    h.authz(Method::GET, "/v1/authz", Some(&bearer(&token)))
-        .await;
+    h.authz_bearer(&token).await;
     h.assert_inactive("garbage-metrics-token", "malformed")
         .await;
 
@@ -1047,11 +760,7 @@ async fn no_answer_echoes_the_token() {
     let h = Harness::new(Opts::default()).await;
     let t = now();
     let revoked = h.token(json!({"jti": "jti-echo"}));
-    h.revoke(Revocation::Token {
-        iss: h.iss.clone(),
-        jti: "jti-echo".into(),
-        exp: None,
-    });
+    h.revoke_jti("jti-echo");
     let tokens = [
         h.token(json!({})),
         revoked,
@@ -1071,8 +780,7 @@ async fn no_answer_echoes_the_token() {
             h.check_body(format!("{{\"token\": \"{token}{}\"}}", "x".repeat(20_000)))
                 .await,
             h.introspect(token).await,
-            h.authz(Method::GET, "/v1/authz", Some(&bearer(token)))
-                .await,
+            h.authz_bearer(token).await,
             h.authz(Method::POST, "/v1/authz/p", Some(&format!("Basic {token}")))
                 .await,
         ];

@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::broker::{free_port, Broker, Daemon};
+use common::broker::{free_port, Broker};
+use common::daemon::{self, Daemon, DaemonConfig};
 use common::jwt::{claims_with, now, JwksServer, TestKey};
 use serde_json::{json, Value};
 
@@ -17,62 +16,9 @@ const AUD: &str = "https://api.example.com";
 const TOPIC: &str = "revocations";
 const PROPAGATION: Duration = Duration::from_secs(20);
 
-fn write_config(dir: &Path, broker: &Broker, jwks: &JwksServer, port: u16) -> PathBuf {
-    let path = dir.join("revsync.toml");
-    let text = format!(
-        r#"
-[http]
-listen = "127.0.0.1:{port}"
-
-[store]
-path = "{store}"
-
-[kafka]
-brokers = "{brokers}"
-watermark_interval = "200ms"
-
-[[kafka.topics]]
-name = "{TOPIC}"
-format = "native"
-
-[[issuers]]
-issuer = "{issuer}"
-jwks_uri = "{jwks_uri}"
-audiences = ["{AUD}"]
-algorithms = ["RS256", "ES256"]
-
-[freshness]
-max_staleness = "30s"
-on_stale = "deny"
-"#,
-        store = dir.join("store").display(),
-        brokers = broker.bootstrap(),
-        issuer = jwks.issuer(),
-        jwks_uri = jwks.jwks_uri(),
-    );
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 /// `revsync publish --brokers … --topic revocations <what…>`; panics unless it exits 0.
 fn publish(broker: &Broker, what: &[&str]) {
-    let out = Command::new(env!("CARGO_BIN_EXE_revsync"))
-        .args([
-            "publish",
-            "--brokers",
-            &broker.bootstrap(),
-            "--topic",
-            TOPIC,
-        ])
-        .args(what)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run revsync publish");
-    assert!(
-        out.status.success(),
-        "revsync publish {what:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = daemon::publish(broker, TOPIC, what);
     // It prints the event it sent, in the native format.
     let event: Value = serde_json::from_slice(&out.stdout).expect("publish prints the event");
     assert_eq!(event["v"], json!(1));
@@ -144,7 +90,18 @@ async fn revocations_published_with_the_cli_reach_the_check_api() {
     let iss = jwks.issuer();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let config = write_config(dir.path(), &broker, &jwks, port);
+    let config = DaemonConfig {
+        topic_extra: r#"format = "native""#.into(),
+        issuer_extra: r#"algorithms = ["RS256", "ES256"]"#.into(),
+        extra_toml: r#"
+[freshness]
+max_staleness = "30s"
+on_stale = "deny"
+"#
+        .into(),
+        ..DaemonConfig::new(port, dir.path(), &broker, TOPIC).trusting(&jwks, AUD)
+    }
+    .write(&dir.path().join("revsync.toml"));
     let mut daemon = Daemon::spawn(&config, port);
     let client = Client {
         http: reqwest::Client::builder()

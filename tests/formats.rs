@@ -12,16 +12,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::broker::Broker;
+use common::ingest::Ingesting;
 use common::jwt::{hs256_token, now, raw_token, JwksServer, TestKey};
 use jsonwebtoken::Algorithm;
 use revsync::config::{EventFormat, IssuerConfig, KafkaConfig, TopicConfig};
-use revsync::denylist::{Denylist, Retention, TokenRef};
+use revsync::denylist::{Retention, TokenRef};
 use revsync::event::{Event, Revocation};
 use revsync::formats::set::{
     self, SetVerifier, BACKCHANNEL_LOGOUT, CREDENTIAL_CHANGE, SESSION_REVOKED,
 };
 use revsync::formats::{keycloak, Decoded, FormatError};
-use revsync::ingest::{self, IngestHandle, IngestState};
 use revsync::metrics::{MalformedLabels, Metrics, TopicLabels};
 use revsync::publish::Publisher;
 use revsync::token::{TokenValidator, VerifiedJws};
@@ -740,47 +740,15 @@ fn set_claims_and_the_schema_agree() {
 // ---------------------------------------------------------------------------------------
 // Through the broker
 
-struct Ingesting {
-    denylist: Arc<Denylist>,
-    metrics: Arc<Metrics>,
-    stop: CancellationToken,
-    handle: Option<IngestHandle>,
-}
-
-impl Drop for Ingesting {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        if let Some(h) = self.handle.take() {
-            h.join();
-        }
-    }
-}
-
 impl Ingesting {
+    /// An in-process ingest (tests/common/ingest.rs) over a store in `dir`.
     fn start(kafka: &KafkaConfig, dir: &Path, sets: SetVerifier) -> Self {
         // The Keycloak samples are from 2024: keep entries for decades so they are stored.
         let retention = Retention::new(
             Duration::from_secs(30 * 365 * 86400),
             Duration::from_secs(30),
         );
-        let denylist = Arc::new(Denylist::open(dir, 64 << 20, retention).unwrap());
-        let metrics = Arc::new(Metrics::new());
-        let stop = CancellationToken::new();
-        let handle = ingest::spawn_with(
-            kafka,
-            denylist.clone(),
-            metrics.clone(),
-            IngestState::new(),
-            stop.clone(),
-            Some(sets),
-        )
-        .unwrap();
-        Self {
-            denylist,
-            metrics,
-            stop,
-            handle: Some(handle),
-        }
+        Self::start_with(kafka, dir, retention, Some(sets))
     }
 
     fn revoked(&self, token: TokenRef<'_>) -> Option<&'static str> {

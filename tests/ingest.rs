@@ -6,17 +6,16 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::broker::{eventually, Broker, Daemon};
+use common::broker::{eventually, Broker};
+use common::daemon::{Daemon, DaemonConfig};
+use common::ingest::Ingesting;
 use revsync::config::{KafkaConfig, TopicConfig};
 use revsync::denylist::{Denylist, Retention, TokenRef};
 use revsync::event::{Event, Revocation};
-use revsync::ingest::{self, IngestHandle, IngestState};
-use revsync::metrics::{MalformedLabels, Metrics, TopicLabels};
+use revsync::metrics::{MalformedLabels, TopicLabels};
 use revsync::publish::Publisher;
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -39,50 +38,11 @@ fn retention() -> Retention {
     Retention::new(Duration::from_secs(86400), Duration::from_secs(30))
 }
 
-/// An in-process ingest: the reader and watcher threads over a store in `dir`.
-struct Ingesting {
-    denylist: Arc<Denylist>,
-    metrics: Arc<Metrics>,
-    state: Arc<IngestState>,
-    stop: CancellationToken,
-    handle: Option<IngestHandle>,
-}
-
-/// Stops the threads even when a test panics: librdkafka threads alive at process exit
-/// crash the test binary.
-impl Drop for Ingesting {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        if let Some(h) = self.handle.take() {
-            h.join();
-        }
-    }
-}
-
 impl Ingesting {
+    /// An in-process ingest (tests/common/ingest.rs) over a store in `dir`.
     fn start(kafka: &KafkaConfig, dir: &Path) -> Self {
-        let denylist = Arc::new(Denylist::open(dir, 64 << 20, retention()).unwrap());
-        let metrics = Arc::new(Metrics::new());
-        let state = IngestState::new();
-        let stop = CancellationToken::new();
-        let handle = ingest::spawn(
-            kafka,
-            denylist.clone(),
-            metrics.clone(),
-            state.clone(),
-            stop.clone(),
-        )
-        .unwrap();
-        Self {
-            denylist,
-            metrics,
-            state,
-            stop,
-            handle: Some(handle),
-        }
+        Self::start_with(kafka, dir, retention(), None)
     }
-
-    fn stop(self) {}
 
     fn applied(&self, topic: &str) -> u64 {
         self.metrics
@@ -417,35 +377,6 @@ fn partitions_of_many_topics_and_topics_created_later_are_all_read() {
     ing.stop();
 }
 
-fn daemon_config(dir: &Path, broker: &Broker, port: u16) -> std::path::PathBuf {
-    let path = dir.join("revsync.toml");
-    let text = format!(
-        r#"
-[http]
-listen = "127.0.0.1:{port}"
-
-[store]
-path = "{store}"
-
-[kafka]
-brokers = "{brokers}"
-watermark_interval = "200ms"
-
-[[kafka.topics]]
-name = "rev"
-
-[[issuers]]
-issuer = "A"
-jwks_uri = "http://127.0.0.1:1/jwks"
-audiences = ["api"]
-"#,
-        store = dir.join("store").display(),
-        brokers = broker.bootstrap(),
-    );
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 fn status(daemon: &Daemon) -> Option<serde_json::Value> {
     common::broker::get_json(&daemon.url("/v1/status"))
 }
@@ -456,7 +387,12 @@ fn kill_9_during_a_large_stream_loses_nothing() {
     broker.create_topic("rev", 2);
     let dir = tempfile::tempdir().unwrap();
     let port = common::broker::free_port();
-    let config = daemon_config(dir.path(), &broker, port);
+    let config = DaemonConfig {
+        issuer: "A".into(),
+        audience: "api".into(),
+        ..DaemonConfig::new(port, dir.path(), &broker, "rev")
+    }
+    .write(&dir.path().join("revsync.toml"));
     let n = 40_000usize;
     let events = token_events("A", "k", n);
 

@@ -15,7 +15,8 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::routing::any;
 use axum::{Json, Router};
-use common::broker::{free_port, wait_for_port, Broker, Daemon};
+use common::broker::{free_port, wait_for_port, Broker};
+use common::daemon::{self, Daemon, DaemonConfig};
 use common::jwt::{claims_with, now, JwksServer, TestKey};
 use serde_json::{json, Value};
 
@@ -84,38 +85,29 @@ impl Nginx {
             "daemon off; pid {d}/nginx.pid; error_log {} info;",
             error_log.display()
         );
-        let test = Command::new(nginx_bin())
-            .arg("-t")
-            .arg("-p")
-            .arg(dir)
-            .arg("-e")
-            .arg(&error_log)
-            .arg("-c")
-            .arg(&conf_path)
-            .args(["-g", &globals])
-            .output()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run {} (run .ci/run, or apt-get install nginx): {e}",
-                    nginx_bin().display()
-                )
-            });
+        let command = || {
+            let mut cmd = Command::new(nginx_bin());
+            cmd.arg("-p")
+                .arg(dir)
+                .arg("-e")
+                .arg(&error_log)
+                .arg("-c")
+                .arg(&conf_path)
+                .args(["-g", &globals]);
+            cmd
+        };
+        let test = command().arg("-t").output().unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} (run .ci/run, or apt-get install nginx): {e}",
+                nginx_bin().display()
+            )
+        });
         assert!(
             test.status.success(),
             "nginx -t refuses the config: {}",
             String::from_utf8_lossy(&test.stderr)
         );
-        let child = Command::new(nginx_bin())
-            .arg("-p")
-            .arg(dir)
-            .arg("-e")
-            .arg(&error_log)
-            .arg("-c")
-            .arg(&conf_path)
-            .args(["-g", &globals])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn nginx");
+        let child = command().stdin(Stdio::null()).spawn().expect("spawn nginx");
         let nginx = Nginx {
             child: Some(child),
             dir: dir.to_path_buf(),
@@ -197,37 +189,6 @@ impl Drop for Upstream {
     }
 }
 
-fn write_config(dir: &Path, broker: &Broker, jwks: &JwksServer, port: u16) -> PathBuf {
-    let path = dir.join("revsync.toml");
-    let text = format!(
-        r#"
-[http]
-listen = "127.0.0.1:{port}"
-
-[store]
-path = "{store}"
-
-[kafka]
-brokers = "{brokers}"
-watermark_interval = "200ms"
-
-[[kafka.topics]]
-name = "{TOPIC}"
-
-[[issuers]]
-issuer = "{issuer}"
-jwks_uri = "{jwks_uri}"
-audiences = ["{AUD}"]
-"#,
-        store = dir.join("store").display(),
-        brokers = broker.bootstrap(),
-        issuer = jwks.issuer(),
-        jwks_uri = jwks.jwks_uri(),
-    );
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 struct Answer {
     status: u16,
     www_authenticate: Option<String>,
@@ -257,6 +218,19 @@ async fn request(http: &reqwest::Client, url: &str, headers: &[(&str, &str)]) ->
     }
 }
 
+/// `request` with `Authorization: Bearer <token>` besides `headers`.
+async fn request_as(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    headers: &[(&str, &str)],
+) -> Answer {
+    let authorization = format!("Bearer {token}");
+    let mut all = vec![("authorization", authorization.as_str())];
+    all.extend_from_slice(headers);
+    request(http, url, &all).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_auth_request_with_the_deploy_config() {
     let started = Instant::now();
@@ -268,7 +242,9 @@ async fn nginx_auth_request_with_the_deploy_config() {
     let upstream = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let revsync_port = free_port();
-    let config = write_config(dir.path(), &broker, &jwks, revsync_port);
+    let config = DaemonConfig::new(revsync_port, dir.path(), &broker, TOPIC)
+        .trusting(&jwks, AUD)
+        .write(&dir.path().join("revsync.toml"));
     let mut daemon = Daemon::spawn(&config, revsync_port);
     let nginx_dir = dir.path().join("nginx");
     std::fs::create_dir(&nginx_dir).unwrap();
@@ -300,13 +276,12 @@ async fn nginx_auth_request_with_the_deploy_config() {
         }
         key.sign(&c)
     };
-    let bearer = |t: &str| format!("Bearer {t}");
 
     // A valid token reaches the upstream, with the identity headers of its claims.
     let alice = token(json!({
         "sub": "alice", "client_id": "app-1", "scope": "read write", "jti": "nginx-jti-1",
     }));
-    let a = request(&http, &url, &[("authorization", &bearer(&alice))]).await;
+    let a = request_as(&http, &url, &alice, &[]).await;
     assert_eq!(a.status, 200, "valid token: {}", a.body);
     assert_eq!(
         a.body,
@@ -320,30 +295,20 @@ async fn nginx_auth_request_with_the_deploy_config() {
     );
     // Identity headers the client sends itself are replaced, or dropped when the token
     // has no such claim: the upstream can trust them.
-    let a = request(
-        &http,
-        &url,
-        &[
-            ("authorization", &bearer(&alice)),
-            ("x-auth-subject", "mallory"),
-            ("X-Auth-Issuer", "https://evil.example.com"),
-        ],
-    )
-    .await;
+    let spoofed = [
+        ("x-auth-subject", "mallory"),
+        ("X-Auth-Issuer", "https://evil.example.com"),
+    ];
+    let a = request_as(&http, &url, &alice, &spoofed).await;
     assert_eq!(a.status, 200);
     assert_eq!(a.body["x-auth-subject"], json!("alice"));
     assert_eq!(a.body["x-auth-issuer"], json!(iss));
     let anonymous_client = token(json!({"sub": "bob", "client_id": null}));
-    let a = request(
-        &http,
-        &url,
-        &[
-            ("authorization", &bearer(&anonymous_client)),
-            ("x-auth-client-id", "spoofed-client"),
-            ("x-auth-scope", "admin"),
-        ],
-    )
-    .await;
+    let spoofed = [
+        ("x-auth-client-id", "spoofed-client"),
+        ("x-auth-scope", "admin"),
+    ];
+    let a = request_as(&http, &url, &anonymous_client, &spoofed).await;
     assert_eq!(a.status, 200);
     assert_eq!(a.body["x-auth-subject"], json!("bob"));
     assert_eq!(a.body["x-auth-client-id"], Value::Null);
@@ -369,7 +334,7 @@ async fn nginx_auth_request_with_the_deploy_config() {
         (token(json!({"exp": t - 120, "iat": t - 400})), "expired"),
         (token(json!({"aud": "https://elsewhere"})), "wrong_audience"),
     ] {
-        let a = request(&http, &url, &[("authorization", &bearer(&bad))]).await;
+        let a = request_as(&http, &url, &bad, &[]).await;
         assert_eq!(a.status, 401, "{reason}");
         let challenge = a.www_authenticate.expect("WWW-Authenticate passed through");
         assert!(
@@ -384,26 +349,14 @@ async fn nginx_auth_request_with_the_deploy_config() {
     );
 
     // Revoked with the CLI: 401 once the event is applied (polled through nginx).
-    let out = Command::new(env!("CARGO_BIN_EXE_revsync"))
-        .args([
-            "publish",
-            "--brokers",
-            &broker.bootstrap(),
-            "--topic",
-            TOPIC,
-        ])
-        .args(["token", "--iss", &iss, "--jti", "nginx-jti-1"])
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "publish: {}",
-        String::from_utf8_lossy(&out.stderr)
+    daemon::publish(
+        &broker,
+        TOPIC,
+        &["token", "--iss", &iss, "--jti", "nginx-jti-1"],
     );
     let published = Instant::now();
     let revoked_after = loop {
-        let a = request(&http, &url, &[("authorization", &bearer(&alice))]).await;
+        let a = request_as(&http, &url, &alice, &[]).await;
         if a.status == 401 {
             let challenge = a.www_authenticate.unwrap();
             assert!(
@@ -420,26 +373,16 @@ async fn nginx_auth_request_with_the_deploy_config() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     };
     let hits = upstream.hits();
-    let a = request(&http, &url, &[("authorization", &bearer(&alice))]).await;
+    let a = request_as(&http, &url, &alice, &[]).await;
     assert_eq!(a.status, 401);
     // Other tokens are unaffected.
-    let a = request(
-        &http,
-        &url,
-        &[("authorization", &bearer(&anonymous_client))],
-    )
-    .await;
+    let a = request_as(&http, &url, &anonymous_client, &[]).await;
     assert_eq!(a.status, 200);
     assert_eq!(upstream.hits(), hits + 1);
 
     // revsync gone: nginx fails closed with 503, the upstream is not reached.
     assert_eq!(daemon.terminate(Duration::from_secs(15)), Some(0));
-    let a = request(
-        &http,
-        &url,
-        &[("authorization", &bearer(&anonymous_client))],
-    )
-    .await;
+    let a = request_as(&http, &url, &anonymous_client, &[]).await;
     assert_eq!(a.status, 503, "revsync down: {}", a.body);
     assert_eq!(upstream.hits(), hits + 1);
 

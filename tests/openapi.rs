@@ -1,35 +1,23 @@
-//! `schemas/openapi.json` tells the truth about the HTTP API: the real router (built as in
-//! tests/api.rs, driven with `oneshot`, real JWKS server, real sled denylist) is sent a
-//! representative set of requests, and every answer is checked against the spec: its
-//! status is declared for that path and method, its JSON body validates against the
-//! declared schema, its headers are declared (and the required ones present). Every route
-//! of the router is in the spec and every path and method of the spec is routed; every
-//! declared status and every reason word is produced by some request.
+//! `schemas/openapi.json` tells the truth about the HTTP API: the real router (the harness
+//! of tests/common/router.rs, as in tests/api.rs: driven with `oneshot`, real JWKS server,
+//! real sled denylist) is sent a representative set of requests, and every answer is
+//! checked against the spec: its status is declared for that path and method, its JSON
+//! body validates against the declared schema, its headers are declared (and the required
+//! ones present). Every route of the router is in the spec and every path and method of
+//! the spec is routed; every declared status and every reason word is produced by some
+//! request.
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, Method, Request, StatusCode};
-use axum::Router;
-use common::jwt::{claims_with, hs256_token, now, JwksServer, TestKey};
-use revsync::api::{router, AppState, Checker};
-use revsync::config::{FreshnessConfig, OnStale};
-use revsync::denylist::{Denylist, Retention};
-use revsync::event::{Event, Revocation};
-use revsync::freshness::Freshness;
-use revsync::ingest::IngestState;
-use revsync::metrics::Metrics;
-use revsync::token::TokenValidator;
+use axum::http::{Method, StatusCode};
+use common::jwt::{claims_with, hs256_token, now, TestKey};
+use common::router::{Harness, Opts, Resp, AUD, MAX_BODY};
+use revsync::config::OnStale;
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
 
-const AUD: &str = "https://api.example.com";
-const MAX_BODY: usize = 16 * 1024;
 const SPEC: &str = include_str!("../schemas/openapi.json");
 const API_SOURCE: &str = include_str!("../src/api.rs");
 /// Methods an OpenAPI path item can describe.
@@ -266,174 +254,13 @@ fn router_routes() -> BTreeMap<String, BTreeSet<String>> {
 }
 
 // ---------------------------------------------------------------------------------------
-// The router (as in tests/api.rs)
-
-#[derive(Clone, Copy)]
-struct Opts {
-    on_stale: OnStale,
-    caught_up: bool,
-    require_typ: bool,
-    jwks_down: bool,
-}
-
-impl Default for Opts {
-    fn default() -> Self {
-        Opts {
-            on_stale: OnStale::Deny,
-            caught_up: true,
-            require_typ: false,
-            jwks_down: false,
-        }
-    }
-}
-
-struct Harness {
-    app: Router,
-    key: TestKey,
-    iss: String,
-    denylist: Arc<Denylist>,
-    cancel: CancellationToken,
-    _server: JwksServer,
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        self.cancel.cancel();
-    }
-}
-
-struct Resp {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.text()))
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(|v| v.to_str().unwrap())
-    }
-}
+// The router (common::router, as in tests/api.rs): requests checked against the spec
 
 impl Harness {
-    async fn new(opts: Opts) -> Self {
-        let key = TestKey::ec_p256("k1");
-        let server = JwksServer::with_keys(&[&key]).await;
-        server.set_down(opts.jwks_down);
-        let mut issuer = server.issuer_config(AUD);
-        issuer.require_typ = opts.require_typ;
-        let iss = server.issuer();
-        let metrics = Arc::new(Metrics::new());
-        let cancel = CancellationToken::new();
-        let validator = TokenValidator::start(
-            &[issuer],
-            reqwest::Client::new(),
-            metrics.clone(),
-            1000,
-            cancel.clone(),
-        )
-        .await;
-        let denylist = Arc::new(
-            Denylist::temporary(Retention::new(
-                Duration::from_secs(24 * 3600),
-                Duration::from_secs(30),
-            ))
-            .unwrap(),
-        );
-        let ingest = IngestState::new();
-        if opts.caught_up {
-            ingest.record_caught_up(revsync::unix_now_ms());
-        }
-        let freshness = Freshness::new(
-            FreshnessConfig {
-                max_staleness: Duration::from_secs(30),
-                on_stale: opts.on_stale,
-                ..FreshnessConfig::default()
-            },
-            ingest.clone(),
-        );
-        let checker = Arc::new(Checker {
-            validator,
-            denylist: denylist.clone(),
-            freshness,
-            ingest,
-            metrics,
-        });
-        let app = router(AppState {
-            checker,
-            max_body_bytes: MAX_BODY,
-        });
-        Harness {
-            app,
-            key,
-            iss,
-            denylist,
-            cancel,
-            _server: server,
-        }
-    }
-
-    fn token(&self, changes: Value) -> String {
-        let mut c = claims_with(&self.iss, AUD, json!({"iat": now() - 10}));
-        for (k, v) in changes.as_object().unwrap() {
-            c[k] = v.clone();
-        }
-        self.key.sign(&c)
-    }
-
-    fn revoke_jti(&self, jti: &str) {
-        let event = Event {
-            id: format!("ev-{jti}"),
-            event_time: now(),
-            revocation: Revocation::Token {
-                iss: self.iss.clone(),
-                jti: jti.into(),
-                exp: None,
-            },
-            reason: None,
-        };
-        self.denylist.apply(&[event], &[], now()).unwrap();
-    }
-
-    async fn send(
-        &self,
-        method: Method,
-        uri: &str,
-        headers: &[(&str, &str)],
-        body: impl Into<Body>,
-    ) -> Resp {
-        let mut req = Request::builder().method(method).uri(uri);
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let resp = self
-            .app
-            .clone()
-            .oneshot(req.body(body.into()).unwrap())
-            .await
-            .unwrap();
-        Resp {
-            status: resp.status(),
-            headers: resp.headers().clone(),
-            body: axum::body::to_bytes(resp.into_body(), usize::MAX)
-                .await
-                .unwrap()
-                .to_vec(),
-        }
-    }
-
     /// `POST /v1/check` with a JSON body, checked against the spec.
     async fn check(&self, spec: &mut Spec, body: Value) -> Resp {
         let r = self
-            .send(
+            .request(
                 Method::POST,
                 "/v1/check",
                 &[("content-type", "application/json")],
@@ -446,14 +273,14 @@ impl Harness {
 
     /// `POST /v1/check` with a raw body (not necessarily valid), checked against the spec.
     async fn check_raw(&self, spec: &mut Spec, headers: &[(&str, &str)], body: String) -> Resp {
-        let r = self.send(Method::POST, "/v1/check", headers, body).await;
+        let r = self.request(Method::POST, "/v1/check", headers, body).await;
         spec.check("/v1/check", &Method::POST, None, &r);
         r
     }
 
     async fn introspect(&self, spec: &mut Spec, form: &str) -> Resp {
         let r = self
-            .send(
+            .request(
                 Method::POST,
                 "/introspect",
                 &[("content-type", "application/x-www-form-urlencoded")],
@@ -482,7 +309,7 @@ impl Harness {
             ("/v1/authz/some/deep/path?q=1", "/v1/authz/{rest}"),
         ] {
             let r = self
-                .send(method.clone(), uri, &headers, Body::empty())
+                .request(method.clone(), uri, &headers, Body::empty())
                 .await;
             spec.check(path, &method, None, &r);
             first.get_or_insert(r);
@@ -491,7 +318,7 @@ impl Harness {
     }
 
     async fn get(&self, spec: &mut Spec, path: &str) -> Resp {
-        let r = self.send(Method::GET, path, &[], Body::empty()).await;
+        let r = self.request(Method::GET, path, &[], Body::empty()).await;
         spec.check(path, &Method::GET, None, &r);
         r
     }
@@ -635,7 +462,7 @@ async fn routed_methods_match_the_spec() {
         let item = spec.path_item(&path);
         for m in ["get", "post", "put", "delete", "patch"] {
             let method = Method::from_bytes(m.to_ascii_uppercase().as_bytes()).unwrap();
-            let r = h.send(method, &uri, &[], Body::empty()).await;
+            let r = h.request(method, &uri, &[], Body::empty()).await;
             if item.get(m).is_some() {
                 assert!(
                     r.status != StatusCode::NOT_FOUND && r.status != StatusCode::METHOD_NOT_ALLOWED,
@@ -651,7 +478,7 @@ async fn routed_methods_match_the_spec() {
             }
         }
     }
-    let r = h.send(Method::GET, "/v1/nope", &[], Body::empty()).await;
+    let r = h.request(Method::GET, "/v1/nope", &[], Body::empty()).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
 }
 
@@ -792,11 +619,7 @@ async fn every_answer_matches_the_spec() {
     assert_eq!(r.json()["reason"], json!("wrong_type"));
 
     // --- never caught up, on_stale = deny: undecided
-    let stale = Harness::new(Opts {
-        caught_up: false,
-        ..Opts::default()
-    })
-    .await;
+    let stale = Harness::new(Opts::never_caught_up(OnStale::Deny)).await;
     let token = stale.token(json!({}));
     let r = stale.check(&mut spec, json!({ "token": token })).await;
     assert_eq!(
@@ -815,12 +638,7 @@ async fn every_answer_matches_the_spec() {
     stale.get(&mut spec, "/v1/status").await;
 
     // --- stale, on_stale = allow: active, marked stale
-    let allow = Harness::new(Opts {
-        caught_up: false,
-        on_stale: OnStale::Allow,
-        ..Opts::default()
-    })
-    .await;
+    let allow = Harness::new(Opts::never_caught_up(OnStale::Allow)).await;
     let token = allow.token(json!({"sub": "bob"}));
     let r = allow.check(&mut spec, json!({ "token": token })).await;
     assert_eq!(r.json()["stale"], json!(true));

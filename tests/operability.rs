@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::broker::{free_port, wait_for_port, Broker};
+use common::daemon::DaemonConfig;
 use common::jwt::{claims_with, now, JwksServer, TestKey};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -170,37 +171,11 @@ impl Setup {
         let key = TestKey::ec_p256("ops-k1");
         let jwks = JwksServer::with_keys(&[&key]).await;
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("revsync.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-[http]
-listen = "127.0.0.1:{listen_port}"
-{extra_http}
-
-[store]
-path = "{store}"
-
-[kafka]
-brokers = "{brokers}"
-watermark_interval = "200ms"
-
-[[kafka.topics]]
-name = "{TOPIC}"
-
-[[issuers]]
-issuer = "{issuer}"
-jwks_uri = "{jwks_uri}"
-audiences = ["{AUD}"]
-"#,
-                store = dir.path().join("store").display(),
-                brokers = broker.bootstrap(),
-                issuer = jwks.issuer(),
-                jwks_uri = jwks.jwks_uri(),
-            ),
-        )
-        .unwrap();
+        let config = DaemonConfig {
+            http_extra: extra_http.into(),
+            ..DaemonConfig::new(listen_port, dir.path(), &broker, TOPIC).trusting(&jwks, AUD)
+        }
+        .write(&dir.path().join("revsync.toml"));
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(5))
@@ -229,9 +204,12 @@ audiences = ["{AUD}"]
         self.key.sign(&c)
     }
 
-    fn publish(&self, what: &[&str]) {
+    /// `revsync publish KIND --iss <the issuer> WHAT…`; panics unless it exits 0.
+    fn publish(&self, kind: &str, what: &[&str]) {
         let bootstrap = self.broker.bootstrap();
+        let issuer = self.jwks.issuer();
         let mut args = vec!["publish", "--brokers", &bootstrap, "--topic", TOPIC];
+        args.extend_from_slice(&[kind, "--iss", &issuer]);
         args.extend_from_slice(what);
         let out = revsync(&args, &[], None);
         assert!(
@@ -270,15 +248,16 @@ audiences = ["{AUD}"]
         r.json().await.unwrap()
     }
 
-    async fn get_json(&self, port: u16, path: &str) -> Value {
+    async fn get(&self, port: u16, path: &str) -> reqwest::Response {
         self.http
             .get(format!("http://127.0.0.1:{port}{path}"))
             .send()
             .await
             .unwrap()
-            .json()
-            .await
-            .unwrap()
+    }
+
+    async fn get_json(&self, port: u16, path: &str) -> Value {
+        self.get(port, path).await.json().await.unwrap()
     }
 
     /// Polls `/v1/check` until `token` is revoked.
@@ -450,13 +429,7 @@ async fn env_override_json_logs_and_no_token_in_the_logs() {
     let unknown_kid =
         TestKey::ec_p256("nope").sign(&claims_with(&setup.jwks.issuer(), AUD, json!({})));
     let garbage = "garbage-token-4f1d9c".to_string();
-    setup.publish(&[
-        "token",
-        "--iss",
-        &setup.jwks.issuer(),
-        "--jti",
-        "log-jti-revoked",
-    ]);
+    setup.publish("token", &["--jti", "log-jti-revoked"]);
     setup.await_revoked(port, &revoked).await;
     let tokens = [&active, &revoked, &forged, &unknown_kid, &garbage];
     let base = format!("http://127.0.0.1:{port}");
@@ -566,17 +539,15 @@ fn log_format_follows_the_config_file_and_the_environment() {
         ("default", "", None, false),
     ] {
         let port = free_port();
-        let config = dir.path().join(format!("{case}.toml"));
         // No JWKS server there: the API serves all the same.
-        std::fs::write(
-            &config,
-            format!(
-                "[http]\nlisten = \"127.0.0.1:{port}\"\n[store]\npath = \"{}\"\n[kafka]\nbrokers = \"{}\"\n[[issuers]]\nissuer = \"https://as.example.com\"\njwks_uri = \"http://127.0.0.1:1/jwks\"\naudiences = [\"{AUD}\"]\n{log_section}",
-                dir.path().join(format!("store-{case}")).display(),
-                broker.bootstrap(),
-            ),
-        )
-        .unwrap();
+        let config = DaemonConfig {
+            store: dir.path().join(format!("store-{case}")),
+            watermark_interval: None,
+            topic: None,
+            extra_toml: log_section.into(),
+            ..DaemonConfig::new(port, dir.path(), &broker, TOPIC)
+        }
+        .write(&dir.path().join(format!("{case}.toml")));
         let stderr = dir.path().join(format!("{case}.log"));
         let env: Vec<(&str, &str)> = env.into_iter().collect();
         let mut daemon = Revsync::spawn(&config, false, &env, &stderr, port);
@@ -745,7 +716,7 @@ async fn sigterm_under_load_drains_answers_and_exits_clean() {
     setup.wait_ready(port).await;
     // One revocation applied, to find in the store afterwards.
     let revoked = setup.token(json!({"jti": "term-jti"}));
-    setup.publish(&["token", "--iss", &setup.jwks.issuer(), "--jti", "term-jti"]);
+    setup.publish("token", &["--jti", "term-jti"]);
     setup.await_revoked(port, &revoked).await;
 
     let token = setup.token(json!({"sub": "load"}));
@@ -955,14 +926,8 @@ async fn metrics_expose_the_readme_names_and_no_secrets() {
     let token = setup.token(json!({"sub": sub, "jti": jti, "sid": sid}));
     assert_eq!(setup.check(port, &token).await["active"], json!(true));
     assert_eq!(setup.check(port, &token).await["active"], json!(true));
-    setup.publish(&["token", "--iss", &setup.jwks.issuer(), "--jti", jti]);
-    setup.publish(&[
-        "subject",
-        "--iss",
-        &setup.jwks.issuer(),
-        "--sub",
-        "metrics-sub-other",
-    ]);
+    setup.publish("token", &["--jti", jti]);
+    setup.publish("subject", &["--sub", "metrics-sub-other"]);
     setup.await_revoked(port, &token).await;
     setup.check(port, "garbage-metrics-token-0d2e").await;
     // A malformed record (carrying a jti, which must not reach a label either).
@@ -980,15 +945,7 @@ async fn metrics_expose_the_readme_names_and_no_secrets() {
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     let malformed = loop {
-        let text = setup
-            .http
-            .get(format!("http://127.0.0.1:{port}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = setup.get(port, "/metrics").await.text().await.unwrap();
         if text.contains("revsync_events_malformed_total{") {
             break text;
         }
@@ -997,12 +954,7 @@ async fn metrics_expose_the_readme_names_and_no_secrets() {
     };
     assert!(!malformed.contains("metrics-jti-malformed"));
 
-    let resp = setup
-        .http
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .send()
-        .await
-        .unwrap();
+    let resp = setup.get(port, "/metrics").await;
     assert_eq!(resp.status(), 200);
     let text = resp.text().await.unwrap();
     assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");

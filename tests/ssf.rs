@@ -13,9 +13,10 @@ use axum::http::{header, Method, Request, StatusCode};
 use axum::Router;
 use common::broker::{free_port, Broker};
 use common::jwt::{claims_with, now, raw_token, JwksServer, TestKey};
+use common::router::temporary_denylist;
 use revsync::app::{self, Listener};
 use revsync::config::{Config, EventFormat, IssuerConfig, SsfConfig, TopicConfig};
-use revsync::denylist::{Denylist, Retention, TokenRef};
+use revsync::denylist::{Denylist, TokenRef};
 use revsync::formats::set::{BACKCHANNEL_LOGOUT, SESSION_REVOKED};
 use revsync::metrics::{MalformedLabels, Metrics, TopicLabels};
 use revsync::ssf::{self, Receiver, Sink};
@@ -65,13 +66,7 @@ impl Harness {
             stop.clone(),
         )
         .await;
-        let denylist = Arc::new(
-            Denylist::temporary(Retention::new(
-                Duration::from_secs(86400),
-                Duration::from_secs(30),
-            ))
-            .unwrap(),
-        );
+        let denylist = temporary_denylist();
         let mut config = SsfConfig::new(SECRET);
         configure_ssf(&mut config);
         let receiver = Arc::new(Receiver::new(

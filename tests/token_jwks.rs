@@ -75,6 +75,33 @@ impl Env {
     async fn check(&self, token: &str) -> Result<(), Rejection> {
         self.v.validate(token).await.map(|_| ())
     }
+
+    /// `check` with the clock at `now`.
+    async fn check_at(&self, token: &str, now: u64) -> Result<(), Rejection> {
+        self.v.validate_at(token, now).await.map(|_| ())
+    }
+
+    /// Validates every token at once, each in its own task; the results in the order they
+    /// finish.
+    async fn check_concurrently(&self, tokens: Vec<String>) -> Vec<Result<(), Rejection>> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for token in tokens {
+            let v = self.v.clone();
+            tasks.spawn(async move { v.validate(&token).await.map(|_| ()) });
+        }
+        let mut results = Vec::new();
+        while let Some(result) = tasks.join_next().await {
+            results.push(result.unwrap());
+        }
+        results
+    }
+}
+
+/// `n` tokens of `key` for `iss`, each naming a kid that no JWKS has.
+fn junk_kid_tokens(key: &TestKey, iss: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| key.sign_with_header(&json!({"kid": format!("junk-{i}")}), &claims(iss, AUD, 300)))
+        .collect()
 }
 
 /// One issuer served by `server`, with `tweak` applied to its config.
@@ -269,25 +296,13 @@ async fn storm_of_unknown_kids_fetches_at_most_once() {
     let before = server.jwks_requests();
     assert_eq!(before, 1);
 
-    let tokens: Vec<String> = (0..200)
-        .map(|i| {
-            key.sign_with_header(
-                &json!({"kid": format!("junk-{i}")}),
-                &claims(&iss, AUD, 300),
-            )
-        })
-        .collect();
-    let mut tasks = tokio::task::JoinSet::new();
-    for token in tokens {
-        let v = env.v.clone();
-        tasks.spawn(async move { v.validate(&token).await.map(|_| ()) });
+    let results = env
+        .check_concurrently(junk_kid_tokens(&key, &iss, 200))
+        .await;
+    assert_eq!(results.len(), 200);
+    for result in results {
+        assert_eq!(result, Err(Rejection::UnknownKey));
     }
-    let mut count = 0;
-    while let Some(result) = tasks.join_next().await {
-        assert_eq!(result.unwrap(), Err(Rejection::UnknownKey));
-        count += 1;
-    }
-    assert_eq!(count, 200);
     let refetches = server.jwks_requests() - before;
     assert!(refetches <= 1, "{refetches} refetches");
     assert_eq!(env.fetches(&iss), 1 + refetches as u64);
@@ -305,21 +320,11 @@ async fn concurrent_unknown_kids_share_one_fetch_without_rate_limit() {
     server.set_delay(Duration::from_millis(300));
     let before = server.jwks_requests();
 
-    let tokens: Vec<String> = (0..100)
-        .map(|i| {
-            key.sign_with_header(
-                &json!({"kid": format!("junk-{i}")}),
-                &claims(&iss, AUD, 300),
-            )
-        })
-        .collect();
-    let mut tasks = tokio::task::JoinSet::new();
-    for token in tokens {
-        let v = env.v.clone();
-        tasks.spawn(async move { v.validate(&token).await.map(|_| ()) });
-    }
-    while let Some(result) = tasks.join_next().await {
-        assert_eq!(result.unwrap(), Err(Rejection::UnknownKey));
+    let results = env
+        .check_concurrently(junk_kid_tokens(&key, &iss, 100))
+        .await;
+    for result in results {
+        assert_eq!(result, Err(Rejection::UnknownKey));
     }
     let refetches = server.jwks_requests() - before;
     assert!(
@@ -400,22 +405,17 @@ async fn alg_none_is_rejected() {
     let env = env_for(&server, |_| {}).await;
     let payload = claims(&server.issuer(), AUD, 300);
     for alg in ["none", "None", "NONE", "nOnE"] {
-        let token = raw_token(
-            &json!({"alg": alg, "kid": RSA.kid, "typ": "JWT"}),
-            &payload,
-            b"",
-        );
-        assert_eq!(
-            env.check(&token).await,
-            Err(Rejection::BadSignature),
-            "{alg}"
-        );
-        let token = raw_token(&json!({"alg": alg}), &payload, b"");
-        assert_eq!(
-            env.check(&token).await,
-            Err(Rejection::BadSignature),
-            "{alg}"
-        );
+        for header in [
+            json!({"alg": alg, "kid": RSA.kid, "typ": "JWT"}),
+            json!({"alg": alg}),
+        ] {
+            let token = raw_token(&header, &payload, b"");
+            assert_eq!(
+                env.check(&token).await,
+                Err(Rejection::BadSignature),
+                "{alg}"
+            );
+        }
     }
     assert_eq!(server.jwks_requests(), 1);
 }
@@ -527,32 +527,20 @@ async fn token_without_kid_needs_exactly_one_fitting_key() {
     let server = JwksServer::with_keys(&[&*RSA, &ec]).await;
     let env = env_for(&server, |_| {}).await;
     let iss = server.issuer();
-    let no_kid = json!({"kid": null});
-    assert_eq!(
-        env.check(&RSA.sign_with_header(&no_kid, &claims(&iss, AUD, 300)))
-            .await,
-        Ok(())
-    );
-    assert_eq!(
-        env.check(&ec.sign_with_header(&no_kid, &claims(&iss, AUD, 300)))
-            .await,
-        Ok(())
-    );
+    let no_kid =
+        |key: &TestKey| key.sign_with_header(&json!({"kid": null}), &claims(&iss, AUD, 300));
+    assert_eq!(env.check(&no_kid(&RSA)).await, Ok(()));
+    assert_eq!(env.check(&no_kid(&ec)).await, Ok(()));
 
     let second_rsa = RSA_OTHER.jwk_with(json!({"kid": "rsa-2"}));
     server.add_jwk(second_rsa);
     let env = env_for(&server, |_| {}).await;
     assert_eq!(
-        env.check(&RSA.sign_with_header(&no_kid, &claims(&iss, AUD, 300)))
-            .await,
+        env.check(&no_kid(&RSA)).await,
         Err(Rejection::UnknownKey),
         "two RSA keys: ambiguous"
     );
-    assert_eq!(
-        env.check(&ec.sign_with_header(&no_kid, &claims(&iss, AUD, 300)))
-            .await,
-        Ok(())
-    );
+    assert_eq!(env.check(&no_kid(&ec)).await, Ok(()));
 }
 
 #[tokio::test]
@@ -566,49 +554,23 @@ async fn key_must_fit_the_token_algorithm() {
     let env = env_for(&server, |_| {}).await;
     let payload = claims(&server.issuer(), AUD, 300);
 
+    let sign = |alg, key: &TestKey, kid: &str| {
+        common::jwt::sign(alg, &key.encoding, Some(kid), &payload, &json!({}))
+    };
+
     // EC key named by an RS256 token.
-    let token = common::jwt::sign(
-        Algorithm::RS256,
-        &RSA.encoding,
-        Some("ec"),
-        &payload,
-        &json!({}),
-    );
+    let token = sign(Algorithm::RS256, &RSA, "ec");
     assert_eq!(env.check(&token).await, Err(Rejection::BadSignature));
     // RSA key named by an ES256 token.
-    let token = common::jwt::sign(
-        Algorithm::ES256,
-        &ec.encoding,
-        Some(&RSA.kid),
-        &payload,
-        &json!({}),
-    );
+    let token = sign(Algorithm::ES256, &ec, &RSA.kid);
     assert_eq!(env.check(&token).await, Err(Rejection::BadSignature));
     // JWK alg PS256, token RS256 signed by that very key.
-    let token = common::jwt::sign(
-        Algorithm::RS256,
-        &RSA_OTHER.encoding,
-        Some("ps-only"),
-        &payload,
-        &json!({}),
-    );
+    let token = sign(Algorithm::RS256, &RSA_OTHER, "ps-only");
     assert_eq!(env.check(&token).await, Err(Rejection::BadSignature));
-    let token = common::jwt::sign(
-        Algorithm::PS256,
-        &RSA_OTHER.encoding,
-        Some("ps-only"),
-        &payload,
-        &json!({}),
-    );
+    let token = sign(Algorithm::PS256, &RSA_OTHER, "ps-only");
     assert_eq!(env.check(&token).await, Ok(()));
     // A JWK with use=enc is not a signing key.
-    let token = common::jwt::sign(
-        Algorithm::RS256,
-        &RSA_OTHER.encoding,
-        Some("enc"),
-        &payload,
-        &json!({}),
-    );
+    let token = sign(Algorithm::RS256, &RSA_OTHER, "enc");
     assert_eq!(env.check(&token).await, Err(Rejection::UnknownKey));
 }
 
@@ -685,26 +647,20 @@ async fn exp_and_nbf_apply_the_leeway() {
     let token = |extra: Value| key.sign(&claims_with(&iss, AUD, extra));
 
     let t = token(json!({"exp": exp}));
-    assert_eq!(
-        env.v.validate_at(&t, exp + 31).await.map(|_| ()),
-        Err(Rejection::Expired)
-    );
+    assert_eq!(env.check_at(&t, exp + 31).await, Err(Rejection::Expired));
     let t = token(json!({"exp": exp}));
-    assert_eq!(
-        env.v.validate_at(&t, exp + 30).await.map(|_| ()),
-        Err(Rejection::Expired)
-    );
+    assert_eq!(env.check_at(&t, exp + 30).await, Err(Rejection::Expired));
     let t = token(json!({"exp": exp}));
-    assert_eq!(env.v.validate_at(&t, exp + 29).await.map(|_| ()), Ok(()));
+    assert_eq!(env.check_at(&t, exp + 29).await, Ok(()));
 
     let nbf = now() + 60;
     let t = token(json!({"nbf": nbf}));
     assert_eq!(
-        env.v.validate_at(&t, nbf - 31).await.map(|_| ()),
+        env.check_at(&t, nbf - 31).await,
         Err(Rejection::NotYetValid)
     );
     let t = token(json!({"nbf": nbf}));
-    assert_eq!(env.v.validate_at(&t, nbf - 30).await.map(|_| ()), Ok(()));
+    assert_eq!(env.check_at(&t, nbf - 30).await, Ok(()));
     let t = token(json!({"nbf": nbf}));
     assert_eq!(
         env.check(&t).await,
@@ -877,14 +833,11 @@ async fn verified_tokens_are_cached_until_exp() {
     assert!(Arc::ptr_eq(&first, &second), "served from the cache");
 
     assert_eq!(
-        env.v.validate_at(&token, exp + 30).await.map(|_| ()),
+        env.check_at(&token, exp + 30).await,
         Err(Rejection::Expired)
     );
     assert_eq!(env.metrics.cache_hits.get(), 2, "a hit, yet expired");
-    assert_eq!(
-        env.v.validate_at(&token, exp + 29).await.map(|_| ()),
-        Ok(())
-    );
+    assert_eq!(env.check_at(&token, exp + 29).await, Ok(()));
 
     // Rejections are not cached.
     let bad = key.sign(&claims_with(&iss, "https://other.example", json!({})));

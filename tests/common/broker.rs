@@ -1,5 +1,5 @@
 //! A real Kafka-protocol broker (Tansu) for integration tests, started on a free
-//! loopback port and killed on drop; and the revsync binary as a child process.
+//! loopback port and killed on drop; and the small helpers of tests that use one.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -172,75 +172,6 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-/// The revsync binary run as a child process with a config file.
-pub struct Daemon {
-    child: Option<Child>,
-    pub port: u16,
-    pub config: PathBuf,
-}
-
-impl Daemon {
-    pub fn spawn(config: &Path, port: u16) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_revsync"))
-            .args(["run", "--config"])
-            .arg(config)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn revsync");
-        assert!(
-            wait_for_port(port, Duration::from_secs(20)),
-            "revsync did not listen"
-        );
-        Daemon {
-            child: Some(child),
-            port,
-            config: config.to_path_buf(),
-        }
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{}", self.port, path)
-    }
-
-    /// SIGKILL: no flush, no goodbye.
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM, then waits for a clean exit; returns the exit status code.
-    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
-        let mut c = self.child.take()?;
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = c.try_wait() {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                panic!("revsync did not exit within {timeout:?} of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill9();
     }
 }
 

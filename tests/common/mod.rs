@@ -3,4 +3,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod daemon;
+pub mod ingest;
 pub mod jwt;
+pub mod router;
