@@ -1,0 +1,154 @@
+//! The store's disk fills up while events stream in: revsync must stop vouching
+//! (not ready, no `active` answers), keep the process alive, and never move a position
+//! past data it could not write. Needs root for a small tmpfs, as CI runs.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::broker::Broker;
+use common::jwt::{claims, JwksServer, TestKey};
+use revsync::app::{self, Listener};
+use revsync::config::{Config, KafkaConfig, TopicConfig};
+use revsync::event::{Event, Revocation};
+use revsync::publish::Publisher;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+struct Tmpfs(std::path::PathBuf);
+impl Tmpfs {
+    fn mount(path: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(path).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "mounting a tmpfs needs root (CI and .ci/run run as root)"
+        );
+        Tmpfs(path.to_path_buf())
+    }
+}
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_makes_revsync_refuse_to_vouch_and_it_survives() {
+    let broker = Broker::memory();
+    broker.create_topic("rev", 1);
+    let key = TestKey::ec_p256("k1");
+    let jwks = JwksServer::with_keys(&[&key]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let _fs = Tmpfs::mount(&dir.path().join("small"), "12m");
+
+    let mut config = Config::new(broker.bootstrap(), dir.path().join("small/store"));
+    config.kafka.topics = vec![TopicConfig {
+        name: "rev".into(),
+        format: Default::default(),
+        issuer: None,
+    }];
+    config.kafka.watermark_interval = Duration::from_millis(100);
+    config.store.cache_bytes = 1 << 20;
+    config.kafka.batch_max = 500;
+    config.issuers.push(jwks.issuer_config("api"));
+    let listener = Listener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.describe());
+    let stop = CancellationToken::new();
+    let daemon = tokio::spawn(app::run(config, listener, stop.clone()));
+    let client = reqwest::Client::new();
+    let get = |path: &'static str| {
+        let client = client.clone();
+        let base = base.clone();
+        async move { client.get(format!("{base}{path}")).send().await.unwrap() }
+    };
+    let token = key.sign(&claims(&jwks.issuer(), "api", 300));
+    let check = || {
+        let client = client.clone();
+        let base = base.clone();
+        let token = token.clone();
+        async move {
+            let v: Value = client
+                .post(format!("{base}/v1/check"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v
+        }
+    };
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while get("/readyz").await.status() != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(check().await["active"], true);
+
+    // Far more than 12 MiB of revocations (long ids make each entry ~300 bytes).
+    let bootstrap = broker.bootstrap();
+    tokio::task::spawn_blocking(move || {
+        let p = Publisher::new(&KafkaConfig::new(bootstrap), "rev").unwrap();
+        let exp = revsync::unix_now() + 3600;
+        for i in 0..60_000 {
+            p.send(&Event {
+                id: format!("e{i}"),
+                event_time: revsync::unix_now(),
+                revocation: Revocation::Token {
+                    iss: "A".into(),
+                    jti: format!("{i:0>200}"),
+                    exp: Some(exp),
+                },
+                reason: None,
+            })
+            .unwrap();
+        }
+        p.finish(Duration::from_secs(60)).unwrap();
+    })
+    .await
+    .unwrap();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let s: Value = get("/v1/status").await.json().await.unwrap();
+        if s["freshness"]["store_failing"] == true {
+            break s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the store never reported failing: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status["ready"], false);
+    assert_eq!(get("/readyz").await.status(), 503);
+    // No active answers while revsync cannot vouch for its denylist.
+    let answer = check().await;
+    assert_eq!(answer["active"], false, "{answer}");
+    assert_eq!(answer["reason"], "stale", "{answer}");
+    // The process is alive and still serving.
+    assert_eq!(get("/healthz").await.status(), 200);
+    // The stored position never passed what was written.
+    let applied = status["denylist"]["token"].as_u64().unwrap();
+    let position = status["partitions"][0]["position"].as_i64().unwrap_or(0);
+    assert!(applied > 0 && applied < 60_000, "some batches landed before the disk filled: {applied}");
+    assert!(
+        position as u64 <= applied,
+        "position {position} ran ahead of {applied} applied entries"
+    );
+
+    stop.cancel();
+    // Shutdown may fail its final flush on a full disk; it must still end.
+    let _ = tokio::time::timeout(Duration::from_secs(30), daemon)
+        .await
+        .expect("daemon ends");
+}
