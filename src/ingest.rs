@@ -65,7 +65,21 @@ pub struct IngestState {
     store_failing: AtomicBool,
     /// Newest heartbeat per issuer (unix ms of the record), for `freshness.heartbeat_max_age`.
     heartbeats: RwLock<BTreeMap<String, u64>>,
+    /// Watermark rounds not yet reached: when positions pass a round's high watermarks,
+    /// everything published before that round began is applied. Under a steady stream
+    /// lag is never zero at the moment of a round, yet each round is reached moments
+    /// later; confirming them one by one keeps the measured age at the true delay.
+    targets: std::sync::Mutex<std::collections::VecDeque<Target>>,
 }
+
+/// The high watermarks (and log starts) one watcher round saw, and when it began.
+struct Target {
+    at_ms: u64,
+    marks: Vec<((String, i32), i64, i64)>,
+}
+
+/// Rounds kept waiting at most; older ones are dropped (a newer one implies them).
+const MAX_TARGETS: usize = 256;
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PartitionState {
@@ -116,6 +130,42 @@ impl IngestState {
     pub fn last_heartbeat_ms(&self, iss: &str) -> Option<u64> {
         let map = self.heartbeats.read().unwrap_or_else(|p| p.into_inner());
         map.get(iss).copied()
+    }
+
+    fn push_target(&self, target: Target) {
+        let mut targets = self.targets.lock().unwrap_or_else(|p| p.into_inner());
+        targets.push_back(target);
+        while targets.len() > MAX_TARGETS {
+            targets.pop_front();
+        }
+    }
+
+    /// Records a catch-up for the newest watermark round every partition has reached.
+    fn confirm_targets(&self) {
+        if self.store_failing() {
+            return;
+        }
+        let reached_at = {
+            let parts = self.partitions.read().unwrap_or_else(|p| p.into_inner());
+            let mut targets = self.targets.lock().unwrap_or_else(|p| p.into_inner());
+            let mut reached = None;
+            while let Some(t) = targets.front() {
+                let all = t.marks.iter().all(|(key, high, low)| {
+                    parts
+                        .get(key)
+                        .is_some_and(|p| p.position.unwrap_or(0).max(*low) >= *high)
+                });
+                if !all {
+                    break;
+                }
+                reached = Some(t.at_ms);
+                targets.pop_front();
+            }
+            reached
+        };
+        if let Some(at) = reached_at {
+            self.record_caught_up(at);
+        }
     }
 
     pub fn store_failing(&self) -> bool {
@@ -525,6 +575,7 @@ impl Reader {
                 })
                 .set(p.next_offset);
         }
+        self.state.confirm_targets();
     }
 
     /// Stops reading a newly held partition; it is read again from `offset` after its
@@ -909,13 +960,14 @@ impl Watcher {
             map.keys().cloned().collect()
         };
         let every_topic_known = self.topics.iter().all(|t| self.known.contains_key(t));
-        let mut all_caught_up = every_topic_known && !keys.is_empty();
+        let mut complete = every_topic_known && !keys.is_empty();
+        let mut marks = Vec::with_capacity(keys.len());
         for (topic, partition) in keys {
             if !self.known.contains_key(&topic) {
                 // Stored position of a topic no longer configured.
                 continue;
             }
-            let marks = self
+            let fetched = self
                 .consumer
                 .fetch_watermarks(&topic, partition, WATCH_TIMEOUT);
             let mut map = self
@@ -924,32 +976,35 @@ impl Watcher {
                 .write()
                 .unwrap_or_else(|p| p.into_inner());
             let entry = map.entry((topic.clone(), partition)).or_default();
-            match marks {
+            match fetched {
                 Ok((low, high)) => {
                     entry.low_watermark = Some(low);
                     entry.high_watermark = Some(high);
                     entry.lag = lag_of(entry);
-                    let lag = entry.lag.unwrap_or(0);
                     self.metrics
                         .lag
                         .get_or_create(&PartitionLabels {
                             topic: topic.clone(),
                             partition,
                         })
-                        .set(lag);
-                    if lag > 0 {
-                        all_caught_up = false;
-                    }
+                        .set(entry.lag.unwrap_or(0));
+                    marks.push(((topic, partition), high, low));
                 }
                 Err(e) => {
                     debug!(topic, partition, error = %e, "cannot fetch watermarks");
-                    all_caught_up = false;
+                    complete = false;
                 }
             }
         }
-        if all_caught_up && !self.state.store_failing() {
-            self.state.record_caught_up(started_ms);
+        // A round that saw every partition becomes a target; the reader confirms it the
+        // moment its positions pass these marks (often right here, when idle).
+        if complete {
+            self.state.push_target(Target {
+                at_ms: started_ms,
+                marks,
+            });
         }
+        self.state.confirm_targets();
         if let Some(at) = self.state.caught_up_at_ms() {
             self.metrics
                 .seconds_since_caught_up
@@ -961,6 +1016,42 @@ impl Watcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_round_is_confirmed_when_positions_pass_it_even_if_lag_never_hits_zero() {
+        let state = IngestState::new();
+        let key = ("t".to_string(), 0);
+        state.set_position("t", 0, 100);
+        state.push_target(Target {
+            at_ms: 1_000,
+            marks: vec![(key.clone(), 150, 0)],
+        });
+        state.push_target(Target {
+            at_ms: 2_000,
+            marks: vec![(key.clone(), 220, 0)],
+        });
+        state.confirm_targets();
+        assert_eq!(
+            state.caught_up_at_ms(),
+            None,
+            "position 100 reached neither round"
+        );
+        // More arrived meanwhile (lag is not zero), but the first round is passed.
+        state.set_position("t", 0, 180);
+        state.confirm_targets();
+        assert_eq!(state.caught_up_at_ms(), Some(1_000));
+        state.set_position("t", 0, 260);
+        state.confirm_targets();
+        assert_eq!(state.caught_up_at_ms(), Some(2_000));
+        // A failing store confirms nothing.
+        state.push_target(Target {
+            at_ms: 3_000,
+            marks: vec![(key, 260, 0)],
+        });
+        state.store_failing.store(true, Ordering::Release);
+        state.confirm_targets();
+        assert_eq!(state.caught_up_at_ms(), Some(2_000));
+    }
 
     #[test]
     fn lag_never_goes_negative_and_starts_at_the_log_start() {

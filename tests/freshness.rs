@@ -449,3 +449,68 @@ async fn a_silent_publisher_makes_the_denylist_stale_even_with_the_broker_up() {
     let _ = publisher.wait();
     r.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_steady_stream_never_makes_revsync_stale() {
+    let broker = Broker::memory();
+    broker.create_topic("rev", 2);
+    let key = TestKey::ec_p256("k1");
+    let jwks = JwksServer::with_keys(&[&key]).await;
+    let r = start(&broker, &jwks, OnStale::Deny, "http://127.0.0.1:1/unused").await;
+    wait_until("ready", Duration::from_secs(30), || ready(&r)).await;
+
+    // ~3,000 events/s for 5 s: lag is almost never exactly zero at a watermark round.
+    let bootstrap = broker.bootstrap();
+    let stream = tokio::task::spawn_blocking(move || {
+        let p =
+            revsync::publish::Publisher::new(&revsync::config::KafkaConfig::new(bootstrap), "rev")
+                .unwrap();
+        let exp = revsync::unix_now() + 3600;
+        for i in 0..250 {
+            for j in 0..60 {
+                p.send(&revsync::event::Event {
+                    id: format!("s{i}-{j}"),
+                    event_time: revsync::unix_now(),
+                    revocation: revsync::event::Revocation::Token {
+                        iss: "A".into(),
+                        jti: format!("s{i}-{j}"),
+                        exp: Some(exp),
+                    },
+                    reason: None,
+                })
+                .unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p.finish(Duration::from_secs(30)).unwrap();
+    });
+    let client = reqwest::Client::new();
+    let mut worst_age = 0;
+    while !stream.is_finished() {
+        let s: Value = client
+            .get(format!("http://{}/v1/status", r.addr))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let age = s["freshness"]["age_ms"]
+            .as_u64()
+            .expect("caught up before the stream");
+        worst_age = worst_age.max(age);
+        assert_eq!(
+            s["ready"],
+            json!(true),
+            "went unready under a steady stream: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stream.await.unwrap();
+    // max_staleness is 1.5 s here; rounds run every 100 ms.
+    assert!(
+        worst_age < 1_500,
+        "freshness age reached {worst_age} ms under load"
+    );
+    r.stop().await;
+}
