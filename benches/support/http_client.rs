@@ -1,0 +1,437 @@
+//! A minimal HTTP/1.1 keep-alive client over `std::net::TcpStream` and a closed-loop load
+//! generator on plain threads, shared by the benches (no async runtime of its own, so it
+//! never competes with the server under test for a runtime's workers).
+//!
+//! Include with `#[path = "support/http_client.rs"] mod http_client;`.
+
+#![allow(dead_code)]
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// One keep-alive connection. Answers must carry `Content-Length` or be chunked.
+pub struct Client {
+    stream: TcpStream,
+    addr: SocketAddr,
+    host: String,
+    req: Vec<u8>,
+    buf: Vec<u8>,
+    /// Decoded body of a chunked answer.
+    chunked: Vec<u8>,
+    /// The server said `Connection: close`: reconnect before the next request.
+    closed: bool,
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Whether `haystack` contains `needle`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    find(haystack, needle).is_some()
+}
+
+fn bad(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> io::Result<Self> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok(Client {
+            stream,
+            addr,
+            host: addr.to_string(),
+            req: Vec::with_capacity(2048),
+            buf: vec![0; 8192],
+            chunked: Vec::new(),
+            closed: false,
+        })
+    }
+
+    /// A fresh connection to the same address (after an error, the old one may be out of
+    /// step with the server).
+    pub fn reconnect(&mut self) -> io::Result<()> {
+        let stream = TcpStream::connect(self.addr)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        self.stream = stream;
+        self.closed = false;
+        Ok(())
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// One request with `headers` (name, value) and `body` (Content-Length is added);
+    /// returns the status and the (de-chunked) body.
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> io::Result<(u16, &[u8])> {
+        if self.closed {
+            self.reconnect()?;
+        }
+        self.req.clear();
+        self.req.extend_from_slice(method.as_bytes());
+        self.req.push(b' ');
+        self.req.extend_from_slice(path.as_bytes());
+        self.req.extend_from_slice(b" HTTP/1.1\r\nHost: ");
+        self.req.extend_from_slice(self.host.as_bytes());
+        for (name, value) in headers {
+            self.req.extend_from_slice(b"\r\n");
+            self.req.extend_from_slice(name.as_bytes());
+            self.req.extend_from_slice(b": ");
+            self.req.extend_from_slice(value.as_bytes());
+        }
+        self.req.extend_from_slice(b"\r\nContent-Length: ");
+        self.req
+            .extend_from_slice(body.len().to_string().as_bytes());
+        self.req.extend_from_slice(b"\r\n\r\n");
+        self.req.extend_from_slice(body);
+        self.stream.write_all(&self.req)?;
+
+        let mut filled = 0usize;
+        let head_end = loop {
+            let from = filled.saturating_sub(3);
+            self.read_more(&mut filled)?;
+            if let Some(p) = find(&self.buf[from..filled], b"\r\n\r\n") {
+                break from + p + 4;
+            }
+        };
+        let head = &self.buf[..head_end];
+        if !head.starts_with(b"HTTP/1.1 ") || head.len() < 12 {
+            return Err(bad("not an HTTP/1.1 answer"));
+        }
+        let status = std::str::from_utf8(&head[9..12])
+            .ok()
+            .and_then(|s| s.parse::<u16>().ok())
+            .ok_or_else(|| bad("no status code"))?;
+        let mut length = None;
+        let mut chunked = false;
+        let mut close = false;
+        for line in head.split(|b| *b == b'\n').skip(1) {
+            let Some(colon) = line.iter().position(|b| *b == b':') else {
+                continue;
+            };
+            let (name, value) = line.split_at(colon);
+            let value = std::str::from_utf8(&value[1..]).unwrap_or("").trim();
+            if name.eq_ignore_ascii_case(b"content-length") {
+                length = value.parse::<usize>().ok();
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                chunked = value.eq_ignore_ascii_case("chunked");
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                close = value.eq_ignore_ascii_case("close");
+            }
+        }
+        self.closed = close;
+        if chunked {
+            self.read_chunked(head_end, filled)?;
+            return Ok((status, &self.chunked));
+        }
+        let len = length.ok_or_else(|| bad("answer without Content-Length"))?;
+        let total = head_end + len;
+        if self.buf.len() < total {
+            self.buf.resize(total, 0);
+        }
+        while filled < total {
+            let n = self.stream.read(&mut self.buf[filled..total])?;
+            if n == 0 {
+                return Err(bad("server closed the connection"));
+            }
+            filled += n;
+        }
+        if filled != total {
+            return Err(bad("bytes after the answer"));
+        }
+        Ok((status, &self.buf[head_end..total]))
+    }
+
+    /// Reads at least one more byte into `buf[filled..]`, growing it when full.
+    fn read_more(&mut self, filled: &mut usize) -> io::Result<()> {
+        if *filled == self.buf.len() {
+            self.buf.resize(self.buf.len() * 2, 0);
+        }
+        let n = self.stream.read(&mut self.buf[*filled..])?;
+        if n == 0 {
+            return Err(bad("server closed the connection"));
+        }
+        *filled += n;
+        Ok(())
+    }
+
+    fn read_chunked(&mut self, mut at: usize, mut filled: usize) -> io::Result<()> {
+        self.chunked.clear();
+        loop {
+            // The chunk-size line.
+            let line_end = loop {
+                if let Some(p) = find(&self.buf[at..filled], b"\r\n") {
+                    break at + p;
+                }
+                self.read_more(&mut filled)?;
+            };
+            let size_text =
+                std::str::from_utf8(&self.buf[at..line_end]).map_err(|_| bad("chunk size"))?;
+            let size_text = size_text.split(';').next().unwrap_or("").trim();
+            let size = usize::from_str_radix(size_text, 16).map_err(|_| bad("chunk size"))?;
+            at = line_end + 2;
+            if size == 0 {
+                // Trailers (none expected) end with an empty line.
+                loop {
+                    if let Some(p) = find(&self.buf[at..filled], b"\r\n") {
+                        if p == 0 {
+                            return if at + 2 == filled {
+                                Ok(())
+                            } else {
+                                Err(bad("bytes after the answer"))
+                            };
+                        }
+                        at += p + 2;
+                        continue;
+                    }
+                    self.read_more(&mut filled)?;
+                }
+            }
+            while filled < at + size + 2 {
+                self.read_more(&mut filled)?;
+            }
+            self.chunked.extend_from_slice(&self.buf[at..at + size]);
+            at += size + 2;
+        }
+    }
+}
+
+/// What one request of a load run came to.
+pub enum Step {
+    Ok,
+    /// A wrong answer or an I/O error; the connection is replaced before the next request.
+    Err(String),
+    /// Nothing left to send (a pool of single-use tokens ran out): the run ends for every
+    /// client.
+    Exhausted,
+}
+
+/// The outcome of one closed-loop run.
+pub struct Load {
+    pub concurrency: usize,
+    /// Successful requests started inside the measured window.
+    pub ok: usize,
+    /// Failed requests started inside the measured window.
+    pub errors: usize,
+    /// Every request of the run, warm-up included (successful or not).
+    pub issued: usize,
+    pub first_error: Option<String>,
+    pub window: Duration,
+    /// Latencies of the measured successful requests, sorted, in ns.
+    pub latencies_ns: Vec<u64>,
+    /// Seconds into the measured window at which `Step::Exhausted` ended the run.
+    pub exhausted_at: Option<f64>,
+    /// What `server_cpu_ns` advanced by over the measured window, if given.
+    pub server_cpu_ns: Option<u64>,
+}
+
+impl Load {
+    pub fn rps(&self) -> f64 {
+        self.ok as f64 / self.window.as_secs_f64().max(1e-9)
+    }
+
+    /// The `p` quantile (0..=1) of the measured latencies, in µs.
+    pub fn pct_us(&self, p: f64) -> f64 {
+        percentile_us(&self.latencies_ns, p)
+    }
+
+    /// Server CPU per successful measured request, µs.
+    pub fn server_cpu_us(&self) -> Option<f64> {
+        self.server_cpu_ns
+            .filter(|_| self.ok > 0)
+            .map(|ns| ns as f64 / 1000.0 / self.ok as f64)
+    }
+}
+
+/// The `p` quantile of sorted nanoseconds, in µs (NaN when empty).
+pub fn percentile_us(sorted_ns: &[u64], p: f64) -> f64 {
+    if sorted_ns.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted_ns.len() as f64 * p).ceil() as usize).clamp(1, sorted_ns.len()) - 1;
+    sorted_ns[i] as f64 / 1000.0
+}
+
+/// Runs `concurrency` client threads (named `{thread_prefix}{i}`), one keep-alive
+/// connection each, calling `step(client, thread, n)` back to back (n counts that
+/// thread's requests) for `warmup` (not recorded) and then `measure`. Each step is timed
+/// around the call. `server_cpu_ns`, when given, is read when the measured window starts
+/// and after it ends.
+pub fn run_load<F>(
+    addr: SocketAddr,
+    concurrency: usize,
+    warmup: Duration,
+    measure: Duration,
+    thread_prefix: &str,
+    server_cpu_ns: Option<&(dyn Fn() -> u64 + Sync)>,
+    step: &F,
+) -> Load
+where
+    F: Fn(&mut Client, usize, u64) -> Step + Sync,
+{
+    struct Out {
+        latencies_ns: Vec<u64>,
+        ok: usize,
+        errors: usize,
+        issued: usize,
+        first_error: Option<String>,
+    }
+    let stop = AtomicBool::new(false);
+    let exhausted: OnceLock<Instant> = OnceLock::new();
+    let start = Instant::now();
+    let measure_from = start + warmup;
+    let deadline = measure_from + measure;
+    let (outs, cpu) = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..concurrency)
+            .map(|i| {
+                let (stop, exhausted) = (&stop, &exhausted);
+                std::thread::Builder::new()
+                    .name(format!("{thread_prefix}{i}"))
+                    .spawn_scoped(s, move || {
+                        let mut out = Out {
+                            latencies_ns: Vec::with_capacity(1 << 16),
+                            ok: 0,
+                            errors: 0,
+                            issued: 0,
+                            first_error: None,
+                        };
+                        let mut client = None;
+                        let mut n = 0u64;
+                        loop {
+                            let t0 = Instant::now();
+                            if t0 >= deadline || stop.load(Ordering::Relaxed) {
+                                break;
+                            }
+                            let measured = t0 >= measure_from;
+                            let c = match client.as_mut() {
+                                Some(c) => c,
+                                None => match Client::connect(addr) {
+                                    Ok(c) => client.insert(c),
+                                    Err(e) => {
+                                        if measured {
+                                            out.errors += 1;
+                                        }
+                                        out.first_error
+                                            .get_or_insert_with(|| format!("connect: {e}"));
+                                        std::thread::sleep(Duration::from_millis(10));
+                                        continue;
+                                    }
+                                },
+                            };
+                            let result = step(c, i, n);
+                            let elapsed = t0.elapsed();
+                            n += 1;
+                            match result {
+                                Step::Ok => {
+                                    out.issued += 1;
+                                    if measured {
+                                        out.ok += 1;
+                                        out.latencies_ns.push(elapsed.as_nanos() as u64);
+                                    }
+                                }
+                                Step::Err(e) => {
+                                    out.issued += 1;
+                                    if measured {
+                                        out.errors += 1;
+                                    }
+                                    out.first_error.get_or_insert(e);
+                                    client = None;
+                                }
+                                Step::Exhausted => {
+                                    exhausted.get_or_init(Instant::now);
+                                    stop.store(true, Ordering::Relaxed);
+                                    break;
+                                }
+                            }
+                        }
+                        out
+                    })
+                    .expect("spawn client thread")
+            })
+            .collect();
+        std::thread::sleep(measure_from.saturating_duration_since(Instant::now()));
+        let cpu0 = server_cpu_ns.map(|f| f());
+        let outs: Vec<Out> = handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect();
+        let cpu = cpu0
+            .zip(server_cpu_ns.map(|f| f()))
+            .map(|(a, b)| b.saturating_sub(a));
+        (outs, cpu)
+    });
+    let end = exhausted
+        .get()
+        .copied()
+        .map_or(deadline, |t| t.min(deadline));
+    let mut latencies_ns: Vec<u64> = outs
+        .iter()
+        .flat_map(|o| o.latencies_ns.iter().copied())
+        .collect();
+    latencies_ns.sort_unstable();
+    Load {
+        concurrency,
+        ok: outs.iter().map(|o| o.ok).sum(),
+        errors: outs.iter().map(|o| o.errors).sum(),
+        issued: outs.iter().map(|o| o.issued).sum(),
+        first_error: outs.iter().find_map(|o| o.first_error.clone()),
+        window: end.saturating_duration_since(measure_from),
+        latencies_ns,
+        exhausted_at: exhausted
+            .get()
+            .map(|t| t.saturating_duration_since(measure_from).as_secs_f64()),
+        server_cpu_ns: cpu,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// CPU time
+
+fn schedstat_ns(dir: &std::path::Path) -> u64 {
+    std::fs::read_to_string(dir.join("schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Total CPU time (ns) of this process's threads whose name starts with `prefix`.
+pub fn threads_cpu_ns(prefix: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
+        })
+        .map(|t| schedstat_ns(&t.path()))
+        .sum()
+}
+
+/// CPU time (ns) of every thread of process `pid` (utime + stime, 10 ms resolution).
+pub fn process_cpu_ns(pid: u32) -> u64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    let Some(close) = s.rfind(')') else {
+        return 0;
+    };
+    let f: Vec<&str> = s[close + 2..].split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 of stat, 11 and 12 after the command name.
+    (ticks(11) + ticks(12)) * 10_000_000
+}
