@@ -140,7 +140,10 @@ async fn a_full_disk_makes_revsync_refuse_to_vouch_and_it_survives() {
     // The stored position never passed what was written.
     let applied = status["denylist"]["token"].as_u64().unwrap();
     let position = status["partitions"][0]["position"].as_i64().unwrap_or(0);
-    assert!(applied > 0 && applied < 60_000, "some batches landed before the disk filled: {applied}");
+    assert!(
+        applied > 0 && applied < 60_000,
+        "some batches landed before the disk filled: {applied}"
+    );
     assert!(
         position as u64 <= applied,
         "position {position} ran ahead of {applied} applied entries"
