@@ -6,8 +6,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
+use axum::extract::FromRequestParts;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
@@ -18,7 +20,7 @@ use crate::config::OnStale;
 use crate::denylist::{Denylist, TokenRef};
 use crate::freshness::{Freshness, FreshnessView};
 use crate::ingest::{IngestState, PartitionStatus};
-use crate::metrics::{CheckLabels, Metrics, RouteLabels};
+use crate::metrics::{CheckLabels, Metrics};
 use crate::token::{Rejection, TokenValidator, VerifiedToken};
 
 /// Everything the handlers need, cheap to clone.
@@ -157,17 +159,7 @@ impl Checker {
     fn record(&self, route: &'static str, decision: &Decision, started: Instant) {
         let (outcome, reason) = decision.outcome();
         self.metrics
-            .checks
-            .get_or_create(&CheckLabels {
-                route,
-                outcome,
-                reason,
-            })
-            .inc();
-        self.metrics
-            .check_latency
-            .get_or_create(&RouteLabels { route })
-            .observe(started.elapsed().as_secs_f64());
+            .record_check(route, outcome, reason, started.elapsed().as_secs_f64());
     }
 }
 
@@ -189,8 +181,22 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+/// The (first) `Authorization` header of a request; unlike the `HeaderMap` extractor it
+/// copies no other header.
+struct Authorization(Option<HeaderValue>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Authorization {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Authorization(
+            parts.headers.get(header::AUTHORIZATION).cloned(),
+        ))
+    }
+}
+
+fn bearer(authorization: &Authorization) -> Option<&str> {
+    let value = authorization.0.as_ref()?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
@@ -202,6 +208,174 @@ fn invalid_request(description: &'static str) -> Response {
         Json(json!({"error": "invalid_request", "error_description": description})),
     )
         .into_response()
+}
+
+/// Slots of a token's [`crate::token::AnswerCache`]: the `/v1/check` answer, the same
+/// when stale, and the `/introspect` answer.
+const CHECK_ANSWER: usize = 0;
+const CHECK_STALE_ANSWER: usize = 1;
+const INTROSPECT_ANSWER: usize = 2;
+const _: () = assert!(INTROSPECT_ANSWER < crate::token::AnswerCache::SLOTS);
+
+/// A JSON body already serialized, answered as [`Json`] would answer it.
+fn json_bytes(body: Bytes) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+fn serialize(body: &impl Serialize) -> Bytes {
+    let mut out = Vec::with_capacity(256);
+    serde_json::to_writer(&mut out, body).expect("a JSON object always serializes");
+    // Kept with the token in the cache: no spare capacity.
+    out.shrink_to_fit();
+    out.into()
+}
+
+/// The `/v1/check` answer for an active token, serialized once per token.
+fn check_answer(token: &VerifiedToken, stale: bool) -> Bytes {
+    let slot = if stale {
+        CHECK_STALE_ANSWER
+    } else {
+        CHECK_ANSWER
+    };
+    token.answers.get_or_init(slot, || {
+        if !map_is_sorted() {
+            return serialize(&claims_body(token, stale));
+        }
+        let mut extra = Extra::for_token(token);
+        if stale {
+            extra.push("stale", Member::Set(Value::Bool(true)));
+        }
+        serialize(&extra.over(&token.claims))
+    })
+}
+
+/// The `/introspect` answer for an active token (the same whether stale or not),
+/// serialized once per token.
+fn introspect_answer(token: &VerifiedToken) -> Bytes {
+    token.answers.get_or_init(INTROSPECT_ANSWER, || {
+        if !map_is_sorted() {
+            let mut body = claims_body(token, false);
+            body.remove("stale");
+            body.entry("token_type")
+                .or_insert_with(|| Value::String("Bearer".into()));
+            return serialize(&body);
+        }
+        let mut extra = Extra::for_token(token);
+        extra.push("stale", Member::Drop);
+        extra.push(
+            "token_type",
+            Member::IfAbsent(Value::String("Bearer".into())),
+        );
+        serialize(&extra.over(&token.claims))
+    })
+}
+
+/// Whether `serde_json::Map` iterates in key order (its default), not in insertion order
+/// (its `preserve_order` feature). The answers are serialized straight from the claims
+/// only in the first case, where the order of the members is simply the key order.
+fn map_is_sorted() -> bool {
+    static SORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SORTED.get_or_init(|| {
+        let mut map = Map::new();
+        map.insert("b".into(), Value::Null);
+        map.insert("a".into(), Value::Null);
+        map.keys().next().is_some_and(|k| k == "a")
+    })
+}
+
+/// How an answer treats one member besides the claims.
+enum Member {
+    /// This value, whether or not the claims have the member.
+    Set(Value),
+    /// This value when the claims lack the member; else the claim.
+    IfAbsent(Value),
+    /// Not in the answer, whatever the claims say.
+    Drop,
+}
+
+/// The members an active answer sets, adds or drops over the token's claims: the same
+/// object as [`claims_body`] builds (and as it is changed for `/introspect`), without
+/// copying the claims into a map of its own.
+struct Extra(Vec<(&'static str, Member)>);
+
+impl Extra {
+    /// `active`, `client_id` (when the claims lack it) and `scope` (always: it may stand
+    /// for `scp`).
+    fn for_token(token: &VerifiedToken) -> Self {
+        let mut extra = Extra(Vec::with_capacity(5));
+        extra.push("active", Member::Set(Value::Bool(true)));
+        if let Some(client_id) = &token.client_id {
+            extra.push(
+                "client_id",
+                Member::IfAbsent(Value::String(client_id.clone())),
+            );
+        }
+        if let Some(scope) = &token.scope {
+            extra.push("scope", Member::Set(Value::String(scope.clone())));
+        }
+        extra
+    }
+
+    fn push(&mut self, name: &'static str, member: Member) {
+        debug_assert!(self.0.iter().all(|(n, _)| *n != name));
+        self.0.push((name, member));
+    }
+
+    fn over<'a>(mut self, claims: &'a Map<String, Value>) -> ExtraOver<'a> {
+        self.0.sort_by_key(|(name, _)| *name);
+        ExtraOver {
+            extra: self.0,
+            claims,
+        }
+    }
+}
+
+/// Serializes `claims` merged with `extra` in key order (see [`map_is_sorted`]).
+struct ExtraOver<'a> {
+    /// Sorted by name.
+    extra: Vec<(&'static str, Member)>,
+    claims: &'a Map<String, Value>,
+}
+
+impl Serialize for ExtraOver<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        let mut extra = self.extra.iter().peekable();
+        let put_extra = |map: &mut S::SerializeMap, name: &str, member: &Member| match member {
+            Member::Set(v) | Member::IfAbsent(v) => map.serialize_entry(name, v),
+            Member::Drop => Ok(()),
+        };
+        for (key, value) in self.claims {
+            while let Some((name, member)) = extra.next_if(|(name, _)| *name < key.as_str()) {
+                put_extra(&mut map, name, member)?;
+            }
+            match extra.next_if(|(name, _)| *name == key.as_str()) {
+                None | Some((_, Member::IfAbsent(_))) => map.serialize_entry(key, value)?,
+                Some((name, member)) => put_extra(&mut map, name, member)?,
+            }
+        }
+        for (name, member) in extra {
+            put_extra(&mut map, name, member)?;
+        }
+        map.end()
+    }
+}
+
+/// A `/v1/check` answer for a token that is not active.
+#[derive(Serialize)]
+struct NotActive {
+    active: bool,
+    reason: &'static str,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    undecided: bool,
 }
 
 fn claims_body(token: &VerifiedToken, stale: bool) -> Map<String, Value> {
@@ -225,7 +399,7 @@ fn claims_body(token: &VerifiedToken, stale: bool) -> Map<String, Value> {
     body
 }
 
-async fn check(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn check(State(s): State<AppState>, headers: Authorization, body: Bytes) -> Response {
     let started = Instant::now();
     let from_body;
     let token = if body.is_empty() {
@@ -245,14 +419,21 @@ async fn check(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Re
     };
     let decision = s.checker.decide(token).await;
     s.checker.record("check", &decision, started);
-    let body = match &decision {
-        Decision::Active { token, stale } => Value::Object(claims_body(token, *stale)),
-        Decision::Inactive { reason } => json!({"active": false, "reason": reason}),
-        Decision::Undecided { reason } => {
-            json!({"active": false, "reason": reason, "undecided": true})
-        }
+    let mut resp = match &decision {
+        Decision::Active { token, stale } => json_bytes(check_answer(token, *stale)),
+        Decision::Inactive { reason } => Json(NotActive {
+            active: false,
+            reason,
+            undecided: false,
+        })
+        .into_response(),
+        Decision::Undecided { reason } => Json(NotActive {
+            active: false,
+            reason,
+            undecided: true,
+        })
+        .into_response(),
     };
-    let mut resp = Json(body).into_response();
     if matches!(decision, Decision::Active { stale: true, .. }) {
         resp.headers_mut()
             .insert("x-revsync-stale", HeaderValue::from_static("true"));
@@ -278,11 +459,7 @@ async fn introspect(State(s): State<AppState>, body: Bytes) -> Response {
     s.checker.record("introspect", &decision, started);
     match decision {
         Decision::Active { token, stale } => {
-            let mut body = claims_body(&token, stale);
-            body.remove("stale");
-            body.entry("token_type")
-                .or_insert_with(|| Value::String("Bearer".into()));
-            let mut resp = Json(Value::Object(body)).into_response();
+            let mut resp = json_bytes(introspect_answer(&token));
             if stale {
                 resp.headers_mut()
                     .insert("x-revsync-stale", HeaderValue::from_static("true"));
@@ -300,7 +477,7 @@ fn form_urlencoded_pairs(body: &[u8]) -> Vec<(String, String)> {
     serde_urlencoded::from_bytes::<Vec<(String, String)>>(body).unwrap_or_default()
 }
 
-async fn authz(State(s): State<AppState>, headers: HeaderMap) -> Response {
+async fn authz(State(s): State<AppState>, headers: Authorization) -> Response {
     let started = Instant::now();
     let token = bearer(&headers);
     let decision = s.checker.decide(token).await;
@@ -434,4 +611,222 @@ async fn status(State(s): State<AppState>) -> Response {
         issuers: c.validator.status(),
     })
     .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(claims: Value, client_id: Option<&str>, scope: Option<&str>) -> VerifiedToken {
+        VerifiedToken {
+            iss: "https://as".into(),
+            sub: Some("alice".into()),
+            jti: None,
+            sid: None,
+            client_id: client_id.map(str::to_string),
+            iat: None,
+            exp: 2_000_000_000,
+            nbf: None,
+            scope: scope.map(str::to_string),
+            claims: claims.as_object().unwrap().clone(),
+            answers: Default::default(),
+        }
+    }
+
+    /// The answers as they were built for every request before they were cached.
+    fn uncached(token: &VerifiedToken, stale: bool) -> (Vec<u8>, Vec<u8>) {
+        let check = serde_json::to_vec(&Value::Object(claims_body(token, stale))).unwrap();
+        let mut body = claims_body(token, stale);
+        body.remove("stale");
+        body.entry("token_type")
+            .or_insert_with(|| Value::String("Bearer".into()));
+        (check, serde_json::to_vec(&Value::Object(body)).unwrap())
+    }
+
+    #[test]
+    fn cached_answers_are_the_uncached_ones() {
+        let tokens = [
+            token(
+                json!({"iss": "https://as", "sub": "alice", "aud": ["a", "b"], "exp": 2_000_000_000}),
+                None,
+                None,
+            ),
+            token(
+                json!({"iss": "https://as", "azp": "app", "scp": ["r", "w"], "nested": {"x": [1, 2.5, null]}}),
+                Some("app"),
+                Some("r w"),
+            ),
+            // Claims that collide with the answer's own members.
+            token(
+                json!({"active": false, "stale": "no", "token_type": "DPoP", "client_id": "c1", "scope": ["odd"], "é": "ü\n"}),
+                Some("c1"),
+                Some("s"),
+            ),
+            token(json!({"client_id": 5, "zzz": true}), Some("azp"), None),
+        ];
+        for t in &tokens {
+            let filled = t.clone();
+            filled
+                .answers
+                .get_or_init(CHECK_ANSWER, || Bytes::from_static(b"x"));
+            assert!(
+                filled
+                    .clone()
+                    .answers
+                    .get_or_init(CHECK_ANSWER, Bytes::new)
+                    .is_empty(),
+                "a clone starts with no answers"
+            );
+            for order in [[false, true], [true, false]] {
+                let t = t.clone();
+                for stale in order {
+                    let (check, introspect) = uncached(&t, stale);
+                    for _ in 0..2 {
+                        assert_eq!(check_answer(&t, stale), check, "stale {stale}");
+                        assert_eq!(introspect_answer(&t), introspect, "stale {stale}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn answers_match_the_map_built_ones_for_any_claims() {
+        assert!(map_is_sorted(), "serde_json without preserve_order");
+        let keys = [
+            "",
+            "a",
+            "aa",
+            "acti",
+            "active",
+            "activez",
+            "b",
+            "client",
+            "client_id",
+            "client_idz",
+            "exp",
+            "iss",
+            "scope",
+            "scop",
+            "scopez",
+            "sid",
+            "stal",
+            "stale",
+            "stalez",
+            "sub",
+            "token",
+            "token_type",
+            "token_typez",
+            "zz",
+            "é",
+            "Active",
+            "\u{0}",
+        ];
+        let values = [
+            json!(true),
+            json!(false),
+            json!(null),
+            json!("s"),
+            json!(7),
+            json!(-1.5),
+            json!(["x", {"y": null}]),
+            json!({"k": "v", "a": [1]}),
+        ];
+        let mut seed = 0x2545f4914f6cdd1du64;
+        let mut rnd = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for _ in 0..5000 {
+            let mut claims = Map::new();
+            for _ in 0..rnd(8) {
+                claims.insert(
+                    keys[rnd(keys.len())].into(),
+                    values[rnd(values.len())].clone(),
+                );
+            }
+            let client_id = ["app", "c\"q"][rnd(2)];
+            let scope = ["read write", "é"][rnd(2)];
+            let t = token(
+                Value::Object(claims),
+                (rnd(2) == 0).then_some(client_id),
+                (rnd(2) == 0).then_some(scope),
+            );
+            for stale in [false, true] {
+                let (check, introspect) = uncached(&t, stale);
+                assert_eq!(
+                    check_answer(&t, stale),
+                    check,
+                    "{:?} stale {stale}",
+                    t.claims
+                );
+                assert_eq!(introspect_answer(&t), introspect, "{:?}", t.claims);
+            }
+        }
+    }
+
+    #[test]
+    fn every_decision_has_a_preresolved_metric() {
+        use Rejection::*;
+        let token = Arc::new(token(json!({}), None, None));
+        let mut decisions = vec![
+            Decision::Active {
+                token: token.clone(),
+                stale: false,
+            },
+            Decision::Active { token, stale: true },
+            Decision::Inactive { reason: "revoked" },
+            Decision::Undecided { reason: "stale" },
+        ];
+        for r in [
+            Expired,
+            NotYetValid,
+            BadSignature,
+            UnknownKey,
+            WrongIssuer,
+            WrongAudience,
+            WrongType,
+            Malformed,
+            KeysUnavailable,
+        ] {
+            decisions.push(if r.undecidable() {
+                Decision::Undecided { reason: r.reason() }
+            } else {
+                Decision::Inactive { reason: r.reason() }
+            });
+        }
+        for route in ["check", "introspect", "authz"] {
+            for d in &decisions {
+                let (outcome, reason) = d.outcome();
+                assert!(
+                    Metrics::check_labels_preresolved(route, outcome, reason),
+                    "{route} {outcome} {reason}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn inactive_answers_are_the_json_objects() {
+        for reason in ["revoked", "expired", "stale", "unknown_key"] {
+            for undecided in [false, true] {
+                let expected = if undecided {
+                    json!({"active": false, "reason": reason, "undecided": true})
+                } else {
+                    json!({"active": false, "reason": reason})
+                };
+                let body = NotActive {
+                    active: false,
+                    reason,
+                    undecided,
+                };
+                assert_eq!(
+                    serde_json::to_vec(&body).unwrap(),
+                    serde_json::to_vec(&expected).unwrap()
+                );
+            }
+        }
+    }
 }

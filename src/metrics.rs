@@ -9,6 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
+use std::sync::OnceLock;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TopicLabels {
@@ -61,8 +62,46 @@ fn delay_histogram() -> Histogram {
     Histogram::new(exponential_buckets(1e-3, 2.0, 17))
 }
 
+/// The routes that record checks, in the order of [`CheckChildren`].
+const CHECK_ROUTES: [&str; 3] = ["check", "introspect", "authz"];
+
+/// Every (outcome, reason) a check records, in the order of [`CheckChildren`].
+const CHECK_OUTCOMES: [(&str, &str); 13] = [
+    ("active", "none"),
+    ("active", "stale"),
+    ("inactive", "expired"),
+    ("inactive", "not_yet_valid"),
+    ("inactive", "bad_signature"),
+    ("inactive", "unknown_key"),
+    ("inactive", "wrong_issuer"),
+    ("inactive", "wrong_audience"),
+    ("inactive", "wrong_type"),
+    ("inactive", "malformed"),
+    ("inactive", "revoked"),
+    ("undecided", "unknown_key"),
+    ("undecided", "stale"),
+];
+
+/// Children of `checks` and `check_latency`, each resolved (hashed and looked up) once,
+/// on first use: a label set still appears in the exposition only once it was recorded.
+struct CheckChildren {
+    counts: [[OnceLock<Counter>; CHECK_OUTCOMES.len()]; CHECK_ROUTES.len()],
+    latency: [OnceLock<Histogram>; CHECK_ROUTES.len()],
+}
+
+impl Default for CheckChildren {
+    fn default() -> Self {
+        CheckChildren {
+            counts: [const { [const { OnceLock::new() }; CHECK_OUTCOMES.len()] };
+                CHECK_ROUTES.len()],
+            latency: [const { OnceLock::new() }; CHECK_ROUTES.len()],
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
+    check_children: CheckChildren,
     pub events_applied: Family<TopicLabels, Counter>,
     pub events_malformed: Family<MalformedLabels, Counter>,
     pub events_ignored: Family<TopicLabels, Counter>,
@@ -113,6 +152,7 @@ impl Metrics {
             jwks_fetches: Family::default(),
             jwks_failures: Family::default(),
             introspections: Family::default(),
+            check_children: CheckChildren::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -221,6 +261,51 @@ impl Metrics {
         out
     }
 
+    /// Counts one answered check (`checks`) and observes its duration (`check_latency`),
+    /// without hashing labels once each label set has been used.
+    pub fn record_check(
+        &self,
+        route: &'static str,
+        outcome: &'static str,
+        reason: &'static str,
+        seconds: f64,
+    ) {
+        let labels = || CheckLabels {
+            route,
+            outcome,
+            reason,
+        };
+        let route_index = CHECK_ROUTES.iter().position(|r| *r == route);
+        let outcome_index = CHECK_OUTCOMES
+            .iter()
+            .position(|(o, r)| *o == outcome && *r == reason);
+        let children = &self.check_children;
+        match (route_index, outcome_index) {
+            (Some(r), Some(o)) => children.counts[r][o]
+                .get_or_init(|| self.checks.get_or_create_owned(&labels()))
+                .inc(),
+            _ => self.checks.get_or_create(&labels()).inc(),
+        };
+        match route_index {
+            Some(r) => children.latency[r]
+                .get_or_init(|| {
+                    self.check_latency
+                        .get_or_create_owned(&RouteLabels { route })
+                })
+                .observe(seconds),
+            None => self
+                .check_latency
+                .get_or_create(&RouteLabels { route })
+                .observe(seconds),
+        }
+    }
+
+    /// Whether [`Self::record_check`] keeps a resolved child for these labels.
+    #[cfg(test)]
+    pub(crate) fn check_labels_preresolved(route: &str, outcome: &str, reason: &str) -> bool {
+        CHECK_ROUTES.contains(&route) && CHECK_OUTCOMES.contains(&(outcome, reason))
+    }
+
     pub fn malformed(&self, topic: &str, format: &'static str, reason: &'static str) {
         self.events_malformed
             .get_or_create(&MalformedLabels {
@@ -255,5 +340,37 @@ mod tests {
             "revsync_checks_total{route=\"check\",outcome=\"inactive\",reason=\"revoked\"} 1"
         ));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn recorded_checks_reach_the_families() {
+        let m = Metrics::new();
+        assert!(
+            !m.encode().contains("revsync_checks_total{"),
+            "nothing before use"
+        );
+        for _ in 0..3 {
+            m.record_check("check", "inactive", "revoked", 1e-5);
+        }
+        m.record_check("authz", "active", "none", 2e-5);
+        // Labels outside the resolved table still count.
+        m.record_check("other", "inactive", "revoked", 1e-5);
+        m.record_check("check", "inactive", "new_reason", 1e-5);
+        let text = m.encode();
+        for line in [
+            "revsync_checks_total{route=\"check\",outcome=\"inactive\",reason=\"revoked\"} 3",
+            "revsync_checks_total{route=\"authz\",outcome=\"active\",reason=\"none\"} 1",
+            "revsync_checks_total{route=\"other\",outcome=\"inactive\",reason=\"revoked\"} 1",
+            "revsync_checks_total{route=\"check\",outcome=\"inactive\",reason=\"new_reason\"} 1",
+            "revsync_check_duration_seconds_count{route=\"check\"} 4",
+            "revsync_check_duration_seconds_count{route=\"authz\"} 1",
+            "revsync_check_duration_seconds_count{route=\"other\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        assert!(
+            !text.contains("route=\"introspect\""),
+            "unused label sets stay absent"
+        );
     }
 }

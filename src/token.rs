@@ -21,7 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use jsonwebtoken::{Algorithm, DecodingKey};
+use aws_lc_rs::signature::{self as sig, ParsedPublicKey, RsaPublicKeyComponents};
+use jsonwebtoken::Algorithm;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
@@ -107,6 +108,50 @@ pub struct VerifiedToken {
     pub scope: Option<String>,
     /// Every claim, for echoing in RFC 7662 answers.
     pub claims: Map<String, Value>,
+    /// The HTTP API's answers about this token, serialized on first use and kept with it
+    /// in the verified-token cache.
+    #[serde(skip)]
+    pub answers: AnswerCache,
+}
+
+/// Serialized answer bodies about one [`VerifiedToken`], each computed at most once (the
+/// HTTP API decides what they hold). A clone starts empty, so a token copied and then
+/// changed never serves the original's answers; it takes no part in comparisons.
+#[derive(Default)]
+pub struct AnswerCache {
+    slots: [std::sync::OnceLock<axum::body::Bytes>; AnswerCache::SLOTS],
+}
+
+impl AnswerCache {
+    /// How many distinct answers can be kept.
+    pub const SLOTS: usize = 3;
+
+    /// The answer in `slot` (below [`Self::SLOTS`]), made by `make` the first time.
+    pub fn get_or_init(
+        &self,
+        slot: usize,
+        make: impl FnOnce() -> axum::body::Bytes,
+    ) -> axum::body::Bytes {
+        self.slots[slot].get_or_init(make).clone()
+    }
+}
+
+impl Clone for AnswerCache {
+    fn clone(&self) -> Self {
+        AnswerCache::default()
+    }
+}
+
+impl PartialEq for AnswerCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for AnswerCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AnswerCache")
+    }
 }
 
 /// A JWS that is not an access token (a Security Event Token, a logout token) whose
@@ -202,13 +247,76 @@ impl KeyKind {
     }
 }
 
+/// Every algorithm revsync verifies, in the order of [`VerifyKey::parsed`].
+const ALGORITHMS: [Algorithm; 9] = [
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+];
+
+/// The aws-lc-rs verification algorithm of a JWS `alg` (the ones jsonwebtoken uses).
+fn rsa_params(alg: Algorithm) -> Option<&'static sig::RsaParameters> {
+    Some(match alg {
+        Algorithm::RS256 => &sig::RSA_PKCS1_2048_8192_SHA256,
+        Algorithm::RS384 => &sig::RSA_PKCS1_2048_8192_SHA384,
+        Algorithm::RS512 => &sig::RSA_PKCS1_2048_8192_SHA512,
+        Algorithm::PS256 => &sig::RSA_PSS_2048_8192_SHA256,
+        Algorithm::PS384 => &sig::RSA_PSS_2048_8192_SHA384,
+        Algorithm::PS512 => &sig::RSA_PSS_2048_8192_SHA512,
+        _ => return None,
+    })
+}
+
+/// The public key material of a JWK, as decoded from it.
+enum KeyMaterial<'a> {
+    /// Modulus and exponent, big-endian without leading zeros.
+    Rsa { n: &'a [u8], e: &'a [u8] },
+    /// The uncompressed point `0x04 || x || y`.
+    Ec(Vec<u8>),
+    /// The 32-byte public key.
+    Ed25519(&'a [u8]),
+}
+
+impl KeyMaterial<'_> {
+    /// The key parsed for `alg`; `None` when aws-lc-rs rejects the material (a key that
+    /// cannot verify anything, e.g. an EC point not on its curve).
+    fn parse(&self, alg: Algorithm) -> Option<ParsedPublicKey> {
+        match self {
+            KeyMaterial::Rsa { n, e } => RsaPublicKeyComponents { n: *n, e: *e }
+                .to_parsed_public_key(rsa_params(alg)?)
+                .ok(),
+            KeyMaterial::Ec(point) => {
+                let algorithm = match alg {
+                    Algorithm::ES256 => &sig::ECDSA_P256_SHA256_FIXED,
+                    Algorithm::ES384 => &sig::ECDSA_P384_SHA384_FIXED,
+                    _ => return None,
+                };
+                ParsedPublicKey::new(algorithm, point).ok()
+            }
+            KeyMaterial::Ed25519(x) => match alg {
+                Algorithm::EdDSA => ParsedPublicKey::new(&sig::ED25519, x).ok(),
+                _ => None,
+            },
+        }
+    }
+}
+
 /// One usable signing key of an issuer, parsed once per fetch.
 struct VerifyKey {
     kid: Option<String>,
     kind: KeyKind,
     /// The JWK's `alg`, when it has one: the token's `alg` must then equal it.
     alg: Option<Algorithm>,
-    key: DecodingKey,
+    /// The key parsed for each algorithm it fits (indexed as [`ALGORITHMS`]); `None`
+    /// for the others, and where aws-lc-rs rejected the key material: every signature
+    /// then fails to verify, as it did when the key was parsed on each verification.
+    parsed: [Option<ParsedPublicKey>; ALGORITHMS.len()],
     /// Identity of the key material, to notice keys removed or replaced by a fetch.
     fingerprint: String,
 }
@@ -216,6 +324,15 @@ struct VerifyKey {
 impl VerifyKey {
     fn fits(&self, alg: Algorithm) -> bool {
         self.kind.fits(alg) && self.alg.is_none_or(|a| a == alg)
+    }
+
+    /// Whether `signature` (decoded) is a valid `alg` signature of `message` by this key.
+    fn verify(&self, alg: Algorithm, message: &[u8], signature: &[u8]) -> bool {
+        let index = ALGORITHMS.iter().position(|a| *a == alg);
+        match index.and_then(|i| self.parsed[i].as_ref()) {
+            Some(key) => key.verify_sig(message, signature).is_ok(),
+            None => false,
+        }
     }
 }
 
@@ -263,10 +380,11 @@ fn parse_jwk(value: &Value) -> Result<VerifyKey, SkipReason> {
         Some(name) => Some(parse_alg(name).ok_or("alg is not a supported signature algorithm")?),
     };
     let kty = json_str(obj, "kty")?.ok_or("kty is missing")?;
-    let (kind, key) = match kty {
+    let (n, e, x, y);
+    let (kind, material) = match kty {
         "RSA" => {
-            let n = jwk_bytes(obj, "n")?;
-            let e = jwk_bytes(obj, "e")?;
+            n = jwk_bytes(obj, "n")?;
+            e = jwk_bytes(obj, "e")?;
             let n = strip_leading_zeros(&n);
             let e = strip_leading_zeros(&e);
             if n.len() < 256 {
@@ -278,7 +396,7 @@ fn parse_jwk(value: &Value) -> Result<VerifyKey, SkipReason> {
             if e.is_empty() || e.len() > 8 {
                 return Err("RSA exponent out of range");
             }
-            (KeyKind::Rsa, DecodingKey::from_rsa_raw_components(n, e))
+            (KeyKind::Rsa, KeyMaterial::Rsa { n, e })
         }
         "EC" => {
             let (kind, len) = match json_str(obj, "crv")? {
@@ -286,23 +404,26 @@ fn parse_jwk(value: &Value) -> Result<VerifyKey, SkipReason> {
                 Some("P-384") => (KeyKind::EcP384, 48),
                 _ => return Err("EC curve not supported"),
             };
-            if jwk_bytes(obj, "x")?.len() != len || jwk_bytes(obj, "y")?.len() != len {
+            x = jwk_bytes(obj, "x")?;
+            y = jwk_bytes(obj, "y")?;
+            if x.len() != len || y.len() != len {
                 return Err("EC coordinates of the wrong length");
             }
-            let key = DecodingKey::from_ec_components(jwk_b64(obj, "x")?, jwk_b64(obj, "y")?)
-                .map_err(|_| "a member is not base64url")?;
-            (kind, key)
+            let mut point = Vec::with_capacity(1 + 2 * len);
+            point.push(0x04);
+            point.extend_from_slice(&x);
+            point.extend_from_slice(&y);
+            (kind, KeyMaterial::Ec(point))
         }
         "OKP" => {
             if json_str(obj, "crv")? != Some("Ed25519") {
                 return Err("OKP curve not supported");
             }
-            if jwk_bytes(obj, "x")?.len() != 32 {
+            x = jwk_bytes(obj, "x")?;
+            if x.len() != 32 {
                 return Err("Ed25519 key of the wrong length");
             }
-            let key = DecodingKey::from_ed_components(jwk_b64(obj, "x")?)
-                .map_err(|_| "a member is not base64url")?;
-            (KeyKind::Ed25519, key)
+            (KeyKind::Ed25519, KeyMaterial::Ed25519(&x))
         }
         "oct" => return Err("symmetric keys are never used"),
         _ => return Err("kty not supported"),
@@ -312,6 +433,13 @@ fn parse_jwk(value: &Value) -> Result<VerifyKey, SkipReason> {
             return Err("alg does not fit kty/crv");
         }
     }
+    let parsed = ALGORITHMS.map(|a| {
+        if kind.fits(a) && alg.is_none_or(|only| only == a) {
+            material.parse(a)
+        } else {
+            None
+        }
+    });
     let fingerprint = format!(
         "{kid:?}|{kind:?}|{alg:?}|{}|{}|{}|{}",
         obj.get("n").and_then(Value::as_str).unwrap_or(""),
@@ -323,7 +451,7 @@ fn parse_jwk(value: &Value) -> Result<VerifyKey, SkipReason> {
         kid,
         kind,
         alg,
-        key,
+        parsed,
         fingerprint,
     })
 }
@@ -542,15 +670,18 @@ async fn get_json(http: &reqwest::Client, url: &str) -> Result<Value, String> {
 
 /// What is read from a token before its signature is checked.
 struct Parsed<'t> {
-    /// The whole JOSE header (only signed-event verification looks past the fields below).
-    header: Map<String, Value>,
-    alg_name: String,
+    /// The base64url JOSE header (only signed-event verification looks past the fields
+    /// below, and decodes it again).
+    header_b64: &'t str,
+    /// The header's `alg` (a string); `None` when it names no algorithm revsync verifies.
+    alg: Option<Algorithm>,
     kid: Option<String>,
-    typ: Option<String>,
+    /// Whether the header's `typ` is an RFC 9068 access-token type.
+    access_token_typ: bool,
     /// `header.payload`, the signed bytes.
     message: &'t str,
-    /// The base64url signature.
-    signature: &'t str,
+    /// The signature, decoded.
+    signature: Vec<u8>,
     claims: Map<String, Value>,
 }
 
@@ -601,33 +732,228 @@ fn parse_token(token: &str) -> Result<Parsed<'_>, Rejection> {
         return Err(Rejection::Malformed);
     };
     let message = &token[..header_b64.len() + 1 + payload_b64.len()];
-    if b64url_decode(signature).is_none() {
-        return Err(Rejection::Malformed);
-    }
-    let header = decode_json_object(header_b64)?;
-    let alg_name = match header.get("alg") {
-        Some(Value::String(s)) => s.clone(),
-        _ => return Err(Rejection::Malformed),
-    };
-    let kid = opt_string(&header, "kid")?;
-    if kid.as_ref().is_some_and(|k| k.len() > MAX_KID_BYTES) {
-        return Err(Rejection::Malformed);
-    }
-    let typ = opt_string(&header, "typ")?;
-    // RFC 7515 §4.1.11: extensions listed in `crit` must be understood; none are.
-    if header.contains_key("crit") {
-        return Err(Rejection::Malformed);
-    }
+    let signature = b64url_decode(signature).ok_or(Rejection::Malformed)?;
+    let header = b64url_decode(header_b64).ok_or(Rejection::Malformed)?;
+    let JoseHeader {
+        alg,
+        kid,
+        access_token_typ,
+    } = read_header(&header)?;
     let claims = decode_json_object(payload_b64)?;
     Ok(Parsed {
-        header,
-        alg_name,
+        header_b64,
+        alg,
         kid,
-        typ,
+        access_token_typ,
         message,
         signature,
         claims,
     })
+}
+
+/// The JOSE header members revsync reads.
+struct JoseHeader {
+    alg: Option<Algorithm>,
+    kid: Option<String>,
+    access_token_typ: bool,
+}
+
+impl JoseHeader {
+    /// The rules on the members: `alg` a string, `kid` and `typ` strings or null, `kid`
+    /// at most [`MAX_KID_BYTES`], no `crit`.
+    fn new(alg: Member<'_>, kid: Member<'_>, typ: Member<'_>) -> Result<Self, Rejection> {
+        let Member::Str(alg) = alg else {
+            return Err(Rejection::Malformed);
+        };
+        let kid = kid.opt_str()?;
+        if kid.is_some_and(|k| k.len() > MAX_KID_BYTES) {
+            return Err(Rejection::Malformed);
+        }
+        Ok(JoseHeader {
+            alg: parse_alg(&alg),
+            kid: kid.map(str::to_string),
+            access_token_typ: is_access_token_typ(typ.opt_str()?),
+        })
+    }
+}
+
+/// Reads the JOSE header (JSON text) without building a map of it. It accepts exactly
+/// what parsing it into a `serde_json::Value` object and reading the members from that
+/// would: every member is parsed (others into a `Value` that is dropped), a repeated
+/// member counts with its last value, and a header whose first member has a key
+/// serde_json reserves for itself (`$serde_json::private::…`) is read through a `Value`.
+fn read_header(json: &[u8]) -> Result<JoseHeader, Rejection> {
+    let reserved = std::cell::Cell::new(false);
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let members = serde::Deserializer::deserialize_any(
+        &mut de,
+        HeaderVisitor {
+            reserved: &reserved,
+        },
+    )
+    .and_then(|members| de.end().map(|()| members));
+    match members {
+        // RFC 7515 §4.1.11: extensions listed in `crit` must be understood; none are.
+        Ok(m) if m.crit => Err(Rejection::Malformed),
+        Ok(m) => JoseHeader::new(m.alg, m.kid, m.typ),
+        Err(_) if reserved.get() => read_header_as_value(json),
+        Err(_) => Err(Rejection::Malformed),
+    }
+}
+
+/// [`read_header`] through a `serde_json::Value`.
+fn read_header_as_value(json: &[u8]) -> Result<JoseHeader, Rejection> {
+    let Ok(Value::Object(header)) = serde_json::from_slice::<Value>(json) else {
+        return Err(Rejection::Malformed);
+    };
+    // RFC 7515 §4.1.11: extensions listed in `crit` must be understood; none are.
+    if header.contains_key("crit") {
+        return Err(Rejection::Malformed);
+    }
+    let member = |name: &str| match header.get(name) {
+        None => Member::Absent,
+        Some(v) => Member::from_value(v.clone()),
+    };
+    JoseHeader::new(member("alg"), member("kid"), member("typ"))
+}
+
+/// The value of a header member, as far as revsync looks at it.
+#[derive(Default)]
+enum Member<'a> {
+    #[default]
+    Absent,
+    Null,
+    Str(std::borrow::Cow<'a, str>),
+    /// Any other JSON value.
+    Other,
+}
+
+impl<'a> Member<'a> {
+    fn from_value(value: Value) -> Self {
+        match value {
+            Value::Null => Member::Null,
+            Value::String(s) => Member::Str(s.into()),
+            _ => Member::Other,
+        }
+    }
+
+    /// Absent or null → `None`; a string → `Some`; anything else is malformed.
+    fn opt_str(&self) -> Result<Option<&str>, Rejection> {
+        match self {
+            Member::Absent | Member::Null => Ok(None),
+            Member::Str(s) => Ok(Some(s)),
+            Member::Other => Err(Rejection::Malformed),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Member<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(MemberVisitor)
+    }
+}
+
+struct MemberVisitor;
+
+impl<'de> serde::de::Visitor<'de> for MemberVisitor {
+    type Value = Member<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Member::Str(v.into()))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Member::Str(v.to_string().into()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Member::Str(v.into()))
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Member::Null)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Member::Other)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Member::Other)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Member::Other)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Member::Other)
+    }
+    // Arrays and objects are read as `Value` does (which may, for serde_json's own
+    // reserved keys, turn an object into a string).
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        use serde::Deserialize as _;
+        Value::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+            .map(Member::from_value)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        use serde::Deserialize as _;
+        Value::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            .map(Member::from_value)
+    }
+}
+
+/// An object key, borrowed from the input when it has no escapes.
+struct Key<'a>(std::borrow::Cow<'a, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match d.deserialize_str(MemberVisitor)? {
+            Member::Str(s) => Ok(Key(s)),
+            _ => Err(serde::de::Error::custom("object key is not a string")),
+        }
+    }
+}
+
+/// The members of a JOSE header object that revsync reads.
+#[derive(Default)]
+struct HeaderMembers<'a> {
+    alg: Member<'a>,
+    kid: Member<'a>,
+    typ: Member<'a>,
+    crit: bool,
+}
+
+struct HeaderVisitor<'c> {
+    /// Set when the first key is one serde_json reserves (see [`read_header`]).
+    reserved: &'c std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::Visitor<'de> for HeaderVisitor<'_> {
+    type Value = HeaderMembers<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut members = HeaderMembers::default();
+        let mut first = true;
+        while let Some(Key(key)) = map.next_key()? {
+            if first && key.starts_with("$serde_json::private::") {
+                self.reserved.set(true);
+                return Err(serde::de::Error::custom("reserved key"));
+            }
+            first = false;
+            match &*key {
+                "alg" => members.alg = map.next_value()?,
+                "kid" => members.kid = map.next_value()?,
+                "typ" => members.typ = map.next_value()?,
+                other => {
+                    map.next_value::<Value>()?;
+                    if other == "crit" {
+                        members.crit = true;
+                    }
+                }
+            }
+        }
+        Ok(members)
+    }
 }
 
 /// Reads the typed claims; a claim of the wrong JSON type makes the token `Malformed`.
@@ -648,7 +974,7 @@ fn extract_claims(claims: Map<String, Value>) -> Result<VerifiedToken, Rejection
         None => scope_from_scp(claims.get("scp"))?,
     };
     // aud must be a string or an array of strings when present.
-    audiences(&claims)?;
+    names_audience(&claims, |_| false)?;
     Ok(VerifiedToken {
         iss,
         sub,
@@ -660,6 +986,7 @@ fn extract_claims(claims: Map<String, Value>) -> Result<VerifiedToken, Rejection
         nbf,
         scope,
         claims,
+        answers: AnswerCache::default(),
     })
 }
 
@@ -679,15 +1006,23 @@ fn scope_from_scp(scp: Option<&Value>) -> Result<Option<String>, Rejection> {
     }
 }
 
-/// The `aud` values of a token (empty when absent).
-fn audiences(claims: &Map<String, Value>) -> Result<Vec<&str>, Rejection> {
+/// Whether the token's `aud` names an audience that `accepted` accepts (`false` when
+/// absent); `Malformed` unless `aud` is absent, null, a string or an array of strings.
+fn names_audience(
+    claims: &Map<String, Value>,
+    accepted: impl Fn(&str) -> bool,
+) -> Result<bool, Rejection> {
     match claims.get("aud") {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::String(s)) => Ok(vec![s.as_str()]),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| v.as_str().ok_or(Rejection::Malformed))
-            .collect(),
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::String(s)) => Ok(accepted(s)),
+        Some(Value::Array(items)) => {
+            let mut found = false;
+            for item in items {
+                let aud = item.as_str().ok_or(Rejection::Malformed)?;
+                found = found || accepted(aud);
+            }
+            Ok(found)
+        }
         Some(_) => Err(Rejection::Malformed),
     }
 }
@@ -695,8 +1030,7 @@ fn audiences(claims: &Map<String, Value>) -> Result<Vec<&str>, Rejection> {
 /// RFC 9068 §2.1: `at+jwt`, optionally with the `application/` prefix, any case.
 fn is_access_token_typ(typ: Option<&str>) -> bool {
     typ.is_some_and(|t| {
-        let t = t.to_ascii_lowercase();
-        t == "at+jwt" || t == "application/at+jwt"
+        t.eq_ignore_ascii_case("at+jwt") || t.eq_ignore_ascii_case("application/at+jwt")
     })
 }
 
@@ -853,7 +1187,7 @@ impl TokenValidator {
 
         let parsed = parse_token(token)?;
         let verified = extract_claims(parsed.claims)?;
-        let alg = parse_alg(&parsed.alg_name).ok_or(Rejection::BadSignature)?;
+        let alg = parsed.alg.ok_or(Rejection::BadSignature)?;
         let issuer = self
             .issuers
             .get(&verified.iss)
@@ -864,25 +1198,17 @@ impl TokenValidator {
 
         let epoch = self.cache_epoch.load(Ordering::Acquire);
         let key = self.find_key(issuer, parsed.kid.as_deref(), alg).await?;
-        match jsonwebtoken::crypto::verify(
-            parsed.signature,
-            parsed.message.as_bytes(),
-            &key.key,
-            alg,
-        ) {
-            Ok(true) => {}
-            Ok(false) | Err(_) => return Err(Rejection::BadSignature),
+        if !key.verify(alg, parsed.message.as_bytes(), &parsed.signature) {
+            return Err(Rejection::BadSignature);
         }
 
         // The claims are trusted from here on.
-        if issuer.require_typ && !is_access_token_typ(parsed.typ.as_deref()) {
+        if issuer.require_typ && !parsed.access_token_typ {
             return Err(Rejection::WrongType);
         }
-        let auds = audiences(&verified.claims)?;
-        if !auds
-            .iter()
-            .any(|a| issuer.audiences.iter().any(|ours| ours == a))
-        {
+        if !names_audience(&verified.claims, |a| {
+            issuer.audiences.iter().any(|ours| ours == a)
+        })? {
             return Err(Rejection::WrongAudience);
         }
         let window = Window::new(&verified, issuer.leeway);
@@ -930,7 +1256,7 @@ impl TokenValidator {
     ) -> Result<VerifiedJws, Rejection> {
         let parsed = parse_token(token)?;
         let iss = opt_string(&parsed.claims, "iss")?.ok_or(Rejection::Malformed)?;
-        let alg = parse_alg(&parsed.alg_name).ok_or(Rejection::BadSignature)?;
+        let alg = parsed.alg.ok_or(Rejection::BadSignature)?;
         let issuer = self.issuers.get(&iss).ok_or(Rejection::WrongIssuer)?;
         if !issuer.algorithms.contains(&alg) {
             return Err(Rejection::BadSignature);
@@ -938,29 +1264,25 @@ impl TokenValidator {
         let key = self
             .find_event_key(issuer, parsed.kid.as_deref(), alg, seen_at_ms)
             .await?;
-        match jsonwebtoken::crypto::verify(
-            parsed.signature,
-            parsed.message.as_bytes(),
-            &key.key,
-            alg,
-        ) {
-            Ok(true) => {}
-            Ok(false) | Err(_) => return Err(Rejection::BadSignature),
+        if !key.verify(alg, parsed.message.as_bytes(), &parsed.signature) {
+            return Err(Rejection::BadSignature);
         }
         if let Some(audience) = audience {
-            if !audiences(&parsed.claims)?.contains(&audience) {
+            if !names_audience(&parsed.claims, |a| a == audience)? {
                 return Err(Rejection::WrongAudience);
             }
         }
         Ok(VerifiedJws {
             iss,
-            header: parsed.header,
+            header: decode_json_object(parsed.header_b64)?,
             claims: parsed.claims,
         })
     }
 
     /// [`Self::find_key`] for signed events, where a missing key is final only when a fetch
-    /// started at or after `seen_at_ms` succeeded (see [`Self::verify_jws`]).
+    /// started at or after `seen_at_ms` succeeded (see [`Self::verify_jws`]). A fetch in the
+    /// same millisecond counts: for its snapshot to miss a key the event was signed with,
+    /// the key would have to be published, used, and the event read, all within it.
     async fn find_event_key(
         &self,
         issuer: &Issuer,
@@ -1185,46 +1507,12 @@ async fn refresh_loop(
 // ---------------------------------------------------------------------------------------
 // base64url (RFC 4648 §5, no padding), strict: no padding, no stray bits.
 
-fn b64url_value(c: u8) -> Option<u32> {
-    Some(match c {
-        b'A'..=b'Z' => c - b'A',
-        b'a'..=b'z' => c - b'a' + 26,
-        b'0'..=b'9' => c - b'0' + 52,
-        b'-' => 62,
-        b'_' => 63,
-        _ => return None,
-    } as u32)
-}
-
 fn b64url_decode(text: &str) -> Option<Vec<u8>> {
-    let bytes = text.as_bytes();
-    if bytes.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
-    for chunk in bytes.chunks(4) {
-        let mut acc = 0u32;
-        for (i, c) in chunk.iter().enumerate() {
-            acc |= b64url_value(*c)? << (18 - 6 * i);
-        }
-        match chunk.len() {
-            4 => out.extend_from_slice(&[(acc >> 16) as u8, (acc >> 8) as u8, acc as u8]),
-            3 => {
-                if acc & 0xff != 0 {
-                    return None;
-                }
-                out.extend_from_slice(&[(acc >> 16) as u8, (acc >> 8) as u8]);
-            }
-            2 => {
-                if acc & 0xffff != 0 {
-                    return None;
-                }
-                out.push((acc >> 16) as u8);
-            }
-            _ => return None,
-        }
-    }
-    Some(out)
+    use base64::Engine as _;
+    // `URL_SAFE_NO_PAD` rejects padding, impossible lengths and non-zero trailing bits.
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text)
+        .ok()
 }
 
 #[cfg(test)]
@@ -1263,6 +1551,10 @@ mod tests {
         assert!(b64url_decode("QQ==").is_none(), "padding");
         assert!(b64url_decode("Q").is_none(), "impossible length");
         assert!(b64url_decode("QR").is_none(), "stray bits");
+        assert!(b64url_decode("QUJ").is_none(), "stray bits after two bytes");
+        assert_eq!(b64url_decode("QUI").unwrap(), b"AB");
+        assert!(b64url_decode("QUI=").is_none(), "padding after two bytes");
+        assert!(b64url_decode("QUJD\n").is_none(), "whitespace");
         assert!(b64url_decode("a+b/").is_none(), "standard alphabet");
         assert!(b64url_decode("ab c").is_none());
     }
@@ -1357,6 +1649,35 @@ mod tests {
         let doc = json!({"keys": [p256, rsa_jwk()]});
         assert_eq!(parse_jwks(&doc, "iss").unwrap().len(), 2);
         assert!(parse_jwks(&json!({"nokeys": []}), "iss").is_err());
+    }
+
+    #[test]
+    fn keys_are_parsed_once_for_each_fitting_algorithm() {
+        let parsed_for = |key: &VerifyKey| -> Vec<Algorithm> {
+            ALGORITHMS
+                .iter()
+                .zip(&key.parsed)
+                .filter(|(_, k)| k.is_some())
+                .map(|(a, _)| *a)
+                .collect()
+        };
+        use Algorithm::*;
+        let any_rsa = parse_jwk(&rsa_jwk()).unwrap();
+        assert_eq!(
+            parsed_for(&any_rsa),
+            vec![RS256, RS384, RS512, PS256, PS384, PS512]
+        );
+        let mut ps256 = rsa_jwk();
+        ps256["alg"] = json!("PS256");
+        assert_eq!(parsed_for(&parse_jwk(&ps256).unwrap()), vec![PS256]);
+        // A point that is not on the curve: kept (as before), but verifies nothing.
+        let off_curve =
+            json!({"kty": "EC", "crv": "P-256", "x": b64(&[1; 32]), "y": b64(&[2; 32])});
+        let key = parse_jwk(&off_curve).unwrap();
+        assert!(parsed_for(&key).is_empty());
+        assert!(!key.verify(ES256, b"message", &[7; 64]));
+        assert!(!any_rsa.verify(RS256, b"message", &[7; 256]));
+        assert!(!any_rsa.verify(ES256, b"message", &[7; 64]));
     }
 
     #[test]
@@ -1489,10 +1810,10 @@ mod tests {
         let payload = b64(br#"{"iss":"i","exp":1}"#);
         let ok = format!("{header}.{payload}.AAAA");
         let parsed = parse_token(&ok).unwrap();
-        assert_eq!(parsed.alg_name, "RS256");
+        assert_eq!(parsed.alg, Some(Algorithm::RS256));
         assert_eq!(parsed.kid.as_deref(), Some("k"));
         assert_eq!(parsed.message, format!("{header}.{payload}"));
-        assert_eq!(parsed.signature, "AAAA");
+        assert_eq!(parsed.signature, [0, 0, 0], "AAAA, decoded");
         for bad in [
             String::new(),
             "a.b".to_string(),
@@ -1519,6 +1840,51 @@ mod tests {
                 Some(Rejection::Malformed),
                 "{bad:.80}"
             );
+        }
+    }
+
+    #[test]
+    fn header_members_are_read_as_from_a_json_object() {
+        use Algorithm::*;
+        let read =
+            |json: &str| read_header(json.as_bytes()).map(|h| (h.alg, h.kid, h.access_token_typ));
+        assert_eq!(
+            read(r#"{"alg":"RS256","kid":"k","typ":"at+jwt","x5t":[1,{"a":null}]}"#),
+            Ok((Some(RS256), Some("k".to_string()), true))
+        );
+        // A repeated member counts with its last value, as in a JSON object.
+        assert_eq!(
+            read(r#"{"alg":5,"alg":"ES256","kid":[],"kid":null}"#),
+            Ok((Some(ES256), None, false))
+        );
+        assert_eq!(
+            read(r#"{"alg":"ES256","alg":5}"#),
+            Err(Rejection::Malformed)
+        );
+        // Escapes are decoded, in keys and values.
+        assert_eq!(
+            read(r#"{"\u0061lg":"RS\u0032\u0035\u0036","typ":"AT+JWT"}"#),
+            Ok((Some(RS256), None, true))
+        );
+        // An algorithm revsync does not verify is not malformed (it is a bad signature).
+        assert_eq!(read(r#"{"alg":"HS256"}"#), Ok((None, None, false)));
+        let deep = format!(
+            r#"{{"alg":"RS256","x":{}1{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        for bad in [
+            r#"{"alg":"RS256","crit":null}"#,
+            r#"{"alg":"RS256","kid":{}}"#,
+            r#"{"alg":"RS256","typ":1}"#,
+            r#"{"alg":"RS256","x":1e400}"#,
+            r#"{"alg":"RS256"} x"#,
+            r#"{"alg":"RS256",}"#,
+            r#"[{"alg":"RS256"}]"#,
+            r#"{"alg":null}"#,
+            deep.as_str(),
+        ] {
+            assert_eq!(read(bad), Err(Rejection::Malformed), "{bad:.80}");
         }
     }
 
