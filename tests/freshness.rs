@@ -294,17 +294,7 @@ async fn a_backlog_at_start_up_keeps_revsync_unready_until_it_is_applied() {
             revsync::publish::Publisher::new(&revsync::config::KafkaConfig::new(bootstrap), "rev")
                 .unwrap();
         for i in 0..n {
-            p.send(&revsync::event::Event {
-                id: format!("e{i}"),
-                event_time: revsync::unix_now(),
-                revocation: revsync::event::Revocation::Token {
-                    iss: "A".into(),
-                    jti: format!("j{i}"),
-                    exp: Some(exp),
-                },
-                reason: None,
-            })
-            .unwrap();
+            p.send(&common::token_event(format!("j{i}"), exp)).unwrap();
         }
         p.finish(Duration::from_secs(60)).unwrap();
     })
@@ -468,17 +458,8 @@ async fn a_steady_stream_never_makes_revsync_stale() {
         let exp = revsync::unix_now() + 3600;
         for i in 0..250 {
             for j in 0..60 {
-                p.send(&revsync::event::Event {
-                    id: format!("s{i}-{j}"),
-                    event_time: revsync::unix_now(),
-                    revocation: revsync::event::Revocation::Token {
-                        iss: "A".into(),
-                        jti: format!("s{i}-{j}"),
-                        exp: Some(exp),
-                    },
-                    reason: None,
-                })
-                .unwrap();
+                p.send(&common::token_event(format!("s{i}-{j}"), exp))
+                    .unwrap();
             }
             std::thread::sleep(Duration::from_millis(20));
         }
