@@ -194,6 +194,10 @@ pub struct IssuerConfig {
     /// Least time between two fetches triggered by unknown `kid`s. Default `10s`.
     #[serde(default = "default_jwks_min_refetch", with = "duration")]
     pub jwks_min_refetch: Duration,
+    /// Longest a JWKS or discovery fetch may take; a slower server counts as a failed
+    /// fetch (the last good keys keep serving). Default `5s`.
+    #[serde(default = "default_jwks_timeout", with = "duration")]
+    pub jwks_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -390,6 +394,9 @@ fn default_jwks_refresh() -> Duration {
 fn default_jwks_min_refetch() -> Duration {
     Duration::from_secs(10)
 }
+fn default_jwks_timeout() -> Duration {
+    Duration::from_secs(5)
+}
 fn default_max_staleness() -> Duration {
     DEFAULT_MAX_STALENESS
 }
@@ -462,6 +469,7 @@ impl IssuerConfig {
             introspection: None,
             jwks_refresh: default_jwks_refresh(),
             jwks_min_refetch: default_jwks_min_refetch(),
+            jwks_timeout: default_jwks_timeout(),
         }
     }
 }
@@ -605,6 +613,12 @@ impl Config {
                 return invalid(
                     &format!("issuers[{i}].introspection"),
                     "required when freshness.on_stale = \"introspect\" (endpoint, client_id, client_secret)",
+                );
+            }
+            if iss.jwks_timeout.is_zero() || iss.jwks_timeout >= self.http.request_timeout {
+                return invalid(
+                    &format!("issuers[{i}].jwks_timeout"),
+                    "must be above zero and below http.request_timeout (a check waiting for a key fetch must still be answered)",
                 );
             }
             for alg in &iss.algorithms {
@@ -810,6 +824,23 @@ audiences = ["https://api.example.com"]
             err.contains("soon") && err.contains("max_staleness"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn jwks_timeout_must_fit_inside_the_request_timeout() {
+        let c = Config::parse(MINIMAL, no_env()).unwrap();
+        assert_eq!(c.issuers[0].jwks_timeout, Duration::from_secs(5));
+        let text = MINIMAL.replace("audiences =", "jwks_timeout = \"2s\"\naudiences =");
+        let c = Config::parse(&text, no_env()).unwrap();
+        assert_eq!(c.issuers[0].jwks_timeout, Duration::from_secs(2));
+        for bad in ["0s", "15s", "1m"] {
+            let text = MINIMAL.replace(
+                "audiences =",
+                &format!("jwks_timeout = \"{bad}\"\naudiences ="),
+            );
+            let err = Config::parse(&text, no_env()).unwrap_err().to_string();
+            assert!(err.contains("issuers[0].jwks_timeout"), "{bad}: {err}");
+        }
     }
 
     #[test]

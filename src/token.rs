@@ -34,8 +34,6 @@ use crate::metrics::{IssuerLabels, Metrics};
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// Longest header `kid` accepted, in bytes; longer ones are `Malformed` without a fetch.
 pub const MAX_KID_BYTES: usize = 256;
-/// Timeout of one HTTP request for a discovery document or a JWKS.
-pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest discovery document or JWKS accepted, in bytes.
 pub const MAX_JWKS_BYTES: usize = 1024 * 1024;
 /// Most keys kept from one JWKS.
@@ -571,6 +569,7 @@ struct Issuer {
     required_claims: Vec<String>,
     refresh: Duration,
     min_refetch: Duration,
+    fetch_timeout: Duration,
     labels: IssuerLabels,
     keys: RwLock<Arc<KeySet>>,
     /// Held for the whole of a fetch: fetches of one issuer never overlap, and requests
@@ -605,6 +604,7 @@ impl Issuer {
             required_claims: config.required_claims.clone(),
             refresh: config.jwks_refresh.max(MIN_REFRESH),
             min_refetch: config.jwks_min_refetch,
+            fetch_timeout: config.jwks_timeout.max(Duration::from_millis(100)),
             labels: IssuerLabels {
                 issuer: config.issuer.clone(),
             },
@@ -640,10 +640,12 @@ fn describe(err: reqwest::Error) -> String {
     }
 }
 
-async fn get_json(http: &reqwest::Client, url: &str) -> Result<Value, String> {
+/// GETs a JSON document of at most [`MAX_JWKS_BYTES`]; `timeout` bounds the whole
+/// exchange, body included (a server trickling bytes is as down as one that never answers).
+async fn get_json(http: &reqwest::Client, url: &str, timeout: Duration) -> Result<Value, String> {
     let mut resp = http
         .get(url)
-        .timeout(FETCH_TIMEOUT)
+        .timeout(timeout)
         .header(reqwest::header::ACCEPT, "application/json")
         .send()
         .await
@@ -688,8 +690,72 @@ struct Parsed<'t> {
 fn decode_json_object(part: &str) -> Result<Map<String, Value>, Rejection> {
     let bytes = b64url_decode(part).ok_or(Rejection::Malformed)?;
     match serde_json::from_slice(&bytes) {
-        Ok(Value::Object(map)) => Ok(map),
+        Ok(Unique(Value::Object(map))) => Ok(map),
         _ => Err(Rejection::Malformed),
+    }
+}
+
+/// A JSON value in which no object, at any depth, names a member twice.
+///
+/// RFC 7519 §4 and RFC 7515 §5.2 let a parser either reject duplicate member names or
+/// keep the last; revsync rejects them (`malformed`), so no claim can mean one thing to
+/// revsync and another to the resource server's own JSON parser (`{"sub":"a","sub":"b"}`).
+struct Unique(Value);
+
+impl<'de> serde::Deserialize<'de> for Unique {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueVisitor).map(Unique)
+    }
+}
+
+struct UniqueVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+        // serde_json never yields a non-finite number; `Null` would be wrong, so refuse.
+        serde_json::Number::from_f64(v)
+            .map(Value::Number)
+            .ok_or_else(|| serde::de::Error::custom("non-finite number"))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+        while let Some(Unique(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut members = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let Unique(value) = map.next_value()?;
+            if members.insert(key, value).is_some() {
+                return Err(serde::de::Error::custom("duplicate member name"));
+            }
+        }
+        Ok(Value::Object(members))
     }
 }
 
@@ -777,44 +843,24 @@ impl JoseHeader {
     }
 }
 
-/// Reads the JOSE header (JSON text) without building a map of it. It accepts exactly
-/// what parsing it into a `serde_json::Value` object and reading the members from that
-/// would: every member is parsed (others into a `Value` that is dropped), a repeated
-/// member counts with its last value, and a header whose first member has a key
-/// serde_json reserves for itself (`$serde_json::private::…`) is read through a `Value`.
+/// Reads the JOSE header (JSON text) without building a map of it. Every member is
+/// parsed (the ones revsync does not read into a [`Unique`] value that is dropped); a
+/// member named twice, a `crit` member, or a nested JWT (`cty: "JWT"`) is malformed.
 fn read_header(json: &[u8]) -> Result<JoseHeader, Rejection> {
-    let reserved = std::cell::Cell::new(false);
     let mut de = serde_json::Deserializer::from_slice(json);
-    let members = serde::Deserializer::deserialize_any(
-        &mut de,
-        HeaderVisitor {
-            reserved: &reserved,
-        },
-    )
-    .and_then(|members| de.end().map(|()| members));
+    let members = serde::Deserializer::deserialize_any(&mut de, HeaderVisitor)
+        .and_then(|members| de.end().map(|()| members));
     match members {
         // RFC 7515 §4.1.11: extensions listed in `crit` must be understood; none are.
         Ok(m) if m.crit => Err(Rejection::Malformed),
+        // RFC 7519 §5.2: `cty: "JWT"` announces a nested JWT. Access tokens are not
+        // nested; the outer signature would vouch for nothing revsync checks.
+        Ok(m) if matches!(&m.cty, Member::Str(c) if c.eq_ignore_ascii_case("JWT")) => {
+            Err(Rejection::Malformed)
+        }
         Ok(m) => JoseHeader::new(m.alg, m.kid, m.typ),
-        Err(_) if reserved.get() => read_header_as_value(json),
         Err(_) => Err(Rejection::Malformed),
     }
-}
-
-/// [`read_header`] through a `serde_json::Value`.
-fn read_header_as_value(json: &[u8]) -> Result<JoseHeader, Rejection> {
-    let Ok(Value::Object(header)) = serde_json::from_slice::<Value>(json) else {
-        return Err(Rejection::Malformed);
-    };
-    // RFC 7515 §4.1.11: extensions listed in `crit` must be understood; none are.
-    if header.contains_key("crit") {
-        return Err(Rejection::Malformed);
-    }
-    let member = |name: &str| match header.get(name) {
-        None => Member::Absent,
-        Some(v) => Member::from_value(v.clone()),
-    };
-    JoseHeader::new(member("alg"), member("kid"), member("typ"))
 }
 
 /// The value of a header member, as far as revsync looks at it.
@@ -885,17 +931,12 @@ impl<'de> serde::de::Visitor<'de> for MemberVisitor {
     fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
         Ok(Member::Other)
     }
-    // Arrays and objects are read as `Value` does (which may, for serde_json's own
-    // reserved keys, turn an object into a string).
+    // Arrays and objects are read whole, with [`Unique`]'s rule on member names.
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        use serde::Deserialize as _;
-        Value::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
-            .map(Member::from_value)
+        UniqueVisitor.visit_seq(seq).map(Member::from_value)
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        use serde::Deserialize as _;
-        Value::deserialize(serde::de::value::MapAccessDeserializer::new(map))
-            .map(Member::from_value)
+        UniqueVisitor.visit_map(map).map(Member::from_value)
     }
 }
 
@@ -917,15 +958,13 @@ struct HeaderMembers<'a> {
     alg: Member<'a>,
     kid: Member<'a>,
     typ: Member<'a>,
+    cty: Member<'a>,
     crit: bool,
 }
 
-struct HeaderVisitor<'c> {
-    /// Set when the first key is one serde_json reserves (see [`read_header`]).
-    reserved: &'c std::cell::Cell<bool>,
-}
+struct HeaderVisitor;
 
-impl<'de> serde::de::Visitor<'de> for HeaderVisitor<'_> {
+impl<'de> serde::de::Visitor<'de> for HeaderVisitor {
     type Value = HeaderMembers<'de>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
@@ -933,24 +972,25 @@ impl<'de> serde::de::Visitor<'de> for HeaderVisitor<'_> {
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut members = HeaderMembers::default();
-        let mut first = true;
+        // Headers have a handful of members: a linear scan beats hashing.
+        let mut seen: Vec<std::borrow::Cow<'de, str>> = Vec::new();
         while let Some(Key(key)) = map.next_key()? {
-            if first && key.starts_with("$serde_json::private::") {
-                self.reserved.set(true);
-                return Err(serde::de::Error::custom("reserved key"));
+            if seen.contains(&key) {
+                return Err(serde::de::Error::custom("duplicate member name"));
             }
-            first = false;
             match &*key {
                 "alg" => members.alg = map.next_value()?,
                 "kid" => members.kid = map.next_value()?,
                 "typ" => members.typ = map.next_value()?,
+                "cty" => members.cty = map.next_value()?,
                 other => {
-                    map.next_value::<Value>()?;
+                    map.next_value::<Unique>()?;
                     if other == "crit" {
                         members.crit = true;
                     }
                 }
             }
+            seen.push(key);
         }
         Ok(members)
     }
@@ -1451,7 +1491,7 @@ impl TokenValidator {
                 }
             }
         };
-        let doc = get_json(&self.http, &uri)
+        let doc = get_json(&self.http, &uri, issuer.fetch_timeout)
             .await
             .map_err(|e| format!("JWKS: {e}"))?;
         parse_jwks(&doc, &issuer.iss)
@@ -1459,7 +1499,7 @@ impl TokenValidator {
 
     /// `jwks_uri` from `{issuer}/.well-known/openid-configuration`.
     async fn discover(&self, issuer: &Issuer) -> Result<String, String> {
-        let doc = get_json(&self.http, &issuer.discovery_url())
+        let doc = get_json(&self.http, &issuer.discovery_url(), issuer.fetch_timeout)
             .await
             .map_err(|e| format!("discovery: {e}"))?;
         // OpenID Connect Discovery §4.3: the document must name the same issuer.
@@ -1829,6 +1869,20 @@ mod tests {
             ),
             format!("{header}.{}.AAAA", b64(b"not json")),
             format!("{header}.{}.AAAA", b64(b"\"str\"")),
+            // Claims naming a member twice, at the top or deeper (RFC 7519 §4).
+            format!(
+                "{header}.{}.AAAA",
+                b64(br#"{"iss":"i","sub":"a","sub":"b"}"#)
+            ),
+            format!("{header}.{}.AAAA", b64(br#"{"iss":"i","iss":"i"}"#)),
+            format!(
+                "{header}.{}.AAAA",
+                b64(br#"{"iss":"i","cnf":{"jkt":"a","jkt":"b"}}"#)
+            ),
+            format!(
+                "{header}.{}.AAAA",
+                b64(br#"{"iss":"i","x":[{"a":1,"a":2}]}"#)
+            ),
             format!(
                 "{}.{payload}.AAAA",
                 b64(format!(r#"{{"alg":"RS256","kid":"{}"}}"#, "k".repeat(257)).as_bytes())
@@ -1852,14 +1906,10 @@ mod tests {
             read(r#"{"alg":"RS256","kid":"k","typ":"at+jwt","x5t":[1,{"a":null}]}"#),
             Ok((Some(RS256), Some("k".to_string()), true))
         );
-        // A repeated member counts with its last value, as in a JSON object.
+        // `cty` other than a nested JWT is ignored.
         assert_eq!(
-            read(r#"{"alg":5,"alg":"ES256","kid":[],"kid":null}"#),
+            read(r#"{"alg":"ES256","cty":"json"}"#),
             Ok((Some(ES256), None, false))
-        );
-        assert_eq!(
-            read(r#"{"alg":"ES256","alg":5}"#),
-            Err(Rejection::Malformed)
         );
         // Escapes are decoded, in keys and values.
         assert_eq!(
@@ -1882,6 +1932,17 @@ mod tests {
             r#"{"alg":"RS256",}"#,
             r#"[{"alg":"RS256"}]"#,
             r#"{"alg":null}"#,
+            // A member named twice, wherever it is (RFC 7515 §5.2 allows rejecting).
+            r#"{"alg":"ES256","alg":"ES256"}"#,
+            r#"{"alg":5,"alg":"ES256"}"#,
+            r#"{"alg":"ES256","kid":"a","kid":"b"}"#,
+            r#"{"alg":"ES256","x":1,"x":2}"#,
+            r#"{"alg":"ES256","\u0078":1,"x":2}"#,
+            r#"{"alg":"ES256","x":{"a":1,"a":1}}"#,
+            r#"{"alg":"ES256","kid":{"a":[{"b":1,"b":2}]}}"#,
+            // Nested JWTs (RFC 7519 §5.2), any case.
+            r#"{"alg":"ES256","cty":"JWT"}"#,
+            r#"{"alg":"ES256","cty":"jwt"}"#,
             deep.as_str(),
         ] {
             assert_eq!(read(bad), Err(Rejection::Malformed), "{bad:.80}");

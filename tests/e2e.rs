@@ -83,7 +83,7 @@ impl Client {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocations_published_with_the_cli_reach_the_check_api() {
     let started = Instant::now();
-    let broker = Broker::memory();
+    let mut broker = Broker::memory();
     broker.create_topic(TOPIC, 3);
     let key = TestKey::ec_p256("e2e-k1");
     let jwks = JwksServer::with_keys(&[&key]).await;
@@ -135,6 +135,8 @@ on_stale = "deny"
         key.sign(&c)
     };
     let mut delays = Vec::new();
+    // Every token revoked, by kind, to replay after a restart.
+    let mut revoked: Vec<(&str, String)> = Vec::new();
 
     // token
     let hit = token(json!({"jti": "e2e-jti-1"}));
@@ -143,6 +145,7 @@ on_stale = "deny"
     client.assert_active(&miss, "other token before").await;
     publish(&broker, &["token", "--iss", &iss, "--jti", "e2e-jti-1"]);
     delays.push(("token", client.await_revoked(&hit, "token").await));
+    revoked.push(("token", hit.clone()));
     client.assert_active(&miss, "other jti").await;
 
     // subject
@@ -151,6 +154,7 @@ on_stale = "deny"
     client.assert_active(&hit, "subject before").await;
     publish(&broker, &["subject", "--iss", &iss, "--sub", "e2e-bob"]);
     delays.push(("subject", client.await_revoked(&hit, "subject").await));
+    revoked.push(("subject", hit.clone()));
     client.assert_active(&miss, "other subject").await;
     let later = token(json!({"sub": "e2e-bob", "iat": now() + 60}));
     client.assert_active(&later, "subject, issued after").await;
@@ -161,6 +165,7 @@ on_stale = "deny"
     client.assert_active(&hit, "session before").await;
     publish(&broker, &["session", "--iss", &iss, "--sid", "e2e-sid-1"]);
     delays.push(("session", client.await_revoked(&hit, "session").await));
+    revoked.push(("session", hit.clone()));
     client.assert_active(&miss, "other session").await;
 
     // client
@@ -172,6 +177,7 @@ on_stale = "deny"
         &["client", "--iss", &iss, "--client-id", "e2e-client-1"],
     );
     delays.push(("client", client.await_revoked(&hit, "client").await));
+    revoked.push(("client", hit.clone()));
     client.assert_active(&miss, "other client").await;
 
     // issuer: last, since it revokes every token issued before it. Another issuer's
@@ -190,6 +196,8 @@ on_stale = "deny"
     client.assert_active(&hit, "other issuer revoked").await;
     publish(&broker, &["issuer", "--iss", &iss]);
     delays.push(("issuer", client.await_revoked(&hit, "issuer").await));
+    revoked.push(("issuer", hit.clone()));
+    revoked.push(("issuer, earlier survivor", miss.clone()));
     client
         .assert_active(&later, "issued after the mass revocation")
         .await;
@@ -267,6 +275,30 @@ on_stale = "deny"
     );
 
     assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
+
+    // Replayed after a restart, with the broker gone (its memory log with it): every
+    // revoked token is still refused, from the store alone.
+    broker.stop();
+    let daemon = Daemon::spawn(&config, port);
+    for (kind, token) in &revoked {
+        assert_eq!(
+            client.check(token).await,
+            json!({"active": false, "reason": "revoked"}),
+            "{kind}: replayed after restart"
+        );
+        let resp = client
+            .http
+            .get(format!("{}/v1/authz", client.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401, "{kind}: authz after restart");
+    }
+    // Tokens nobody revoked are not vouched for while the bus is out of reach.
+    let body = client.check(&later).await;
+    assert_ne!(body["active"], json!(true), "{body}");
+    drop(daemon);
     eprintln!(
         "ready after {ready_after:?}; publish CLI exit -> revoked: {delays:?}; total {:?}",
         started.elapsed()

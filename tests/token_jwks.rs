@@ -367,6 +367,137 @@ async fn jwks_outage_keeps_last_good_keys() {
 }
 
 #[tokio::test]
+async fn slow_jwks_counts_as_down_and_known_keys_keep_working() {
+    let key = TestKey::ec_p256("k1");
+    let stranger = TestKey::ec_p256("k2");
+    let server = JwksServer::with_keys(&[&key]).await;
+    let env = env_for(&server, |c| {
+        c.jwks_min_refetch = Duration::ZERO;
+        c.jwks_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let iss = server.issuer();
+    // Slower than the fetch timeout by far: the check must not wait for the server.
+    server.set_delay(Duration::from_secs(8));
+
+    let started = std::time::Instant::now();
+    let unknown = env
+        .check(&stranger.sign(&claims(&iss, AUD, 300)))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown, Rejection::UnknownKey);
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "the check waited for the slow server: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(env.failures(&iss), 1);
+    assert_eq!(
+        env.v.status()[0].last_error.as_deref(),
+        Some("JWKS: timed out")
+    );
+    assert_eq!(env.check(&key.sign(&claims(&iss, AUD, 300))).await, Ok(()));
+    assert!(env.v.keys_loaded());
+}
+
+#[tokio::test]
+async fn garbage_jwks_keeps_last_good_keys() {
+    let key = TestKey::ec_p256("k1");
+    let stranger = TestKey::ec_p256("k2");
+    let server = JwksServer::with_keys(&[&key]).await;
+    let env = env_for(&server, |c| c.jwks_min_refetch = Duration::ZERO).await;
+    let iss = server.issuer();
+    let bodies: Vec<(Vec<u8>, &str)> = vec![
+        (b"<html>oops</html>".to_vec(), "invalid JSON"),
+        (b"".to_vec(), "invalid JSON"),
+        (b"\xff\xfe{}".to_vec(), "invalid JSON"),
+        (b"[]".to_vec(), "no \"keys\" array"),
+        (br#"{"keys":"k1"}"#.to_vec(), "no \"keys\" array"),
+        (br#"{"keys":[]}"#.to_vec(), "no usable signing key"),
+        (
+            br#"{"keys":[{"kty":"EC","kid":"k2","crv":"P-256","x":"!!","y":"??"},7,null]}"#
+                .to_vec(),
+            "no usable signing key",
+        ),
+        (
+            format!(
+                r#"{{"keys":[{{"kty":"oct","kid":"k2","k":"{}"}}]}}"#,
+                "A".repeat(43)
+            )
+            .into_bytes(),
+            "no usable signing key",
+        ),
+        (vec![b' '; 2 * 1024 * 1024], "larger than"),
+    ];
+    for (round, (body, why)) in bodies.into_iter().enumerate() {
+        server.set_raw_jwks(Some(body));
+        let unknown = env
+            .check(&stranger.sign(&claims(&iss, AUD, 300)))
+            .await
+            .unwrap_err();
+        assert_eq!(unknown, Rejection::UnknownKey, "round {round}");
+        assert_eq!(env.failures(&iss), round as u64 + 1, "round {round}");
+        let error = env.v.status()[0].last_error.clone().unwrap();
+        assert!(error.contains(why), "round {round}: {error}");
+        assert_eq!(
+            env.check(&key.sign(&claims(&iss, AUD, 300))).await,
+            Ok(()),
+            "round {round}: the last good key stops serving"
+        );
+        assert_eq!(env.v.status()[0].keys, 1, "round {round}");
+    }
+    server.set_raw_jwks(None);
+    server.publish(&stranger);
+    assert_eq!(
+        env.check(&stranger.sign(&claims(&iss, AUD, 300))).await,
+        Ok(())
+    );
+}
+
+#[tokio::test]
+async fn duplicate_claims_and_nested_tokens_are_malformed() {
+    let key = TestKey::ec_p256("k1");
+    let server = JwksServer::with_keys(&[&key]).await;
+    let env = env_for(&server, |_| {}).await;
+    let iss = server.issuer();
+    let exp = now() + 300;
+    // Correctly signed, so only the JSON rule can reject them.
+    let header = r#"{"alg":"ES256","kid":"k1"}"#;
+    let payloads = [
+        format!(r#"{{"iss":"{iss}","aud":"{AUD}","exp":{exp},"sub":"alice","sub":"admin"}}"#),
+        format!(r#"{{"iss":"{iss}","aud":"{AUD}","exp":{exp},"exp":{exp}}}"#),
+        format!(r#"{{"iss":"{iss}","aud":"{AUD}","aud":"other","exp":{exp}}}"#),
+        format!(r#"{{"iss":"{iss}","aud":"{AUD}","exp":{exp},"cnf":{{"jkt":"a","jkt":"b"}}}}"#),
+    ];
+    for payload in &payloads {
+        let token = key.sign_text(header, payload);
+        assert_eq!(
+            env.check(&token).await,
+            Err(Rejection::Malformed),
+            "{payload}"
+        );
+    }
+    let fine = format!(r#"{{"iss":"{iss}","aud":"{AUD}","exp":{exp},"sub":"alice"}}"#);
+    assert_eq!(env.check(&key.sign_text(header, &fine)).await, Ok(()));
+    for header in [
+        r#"{"alg":"ES256","kid":"k1","kid":"k1"}"#,
+        r#"{"alg":"ES256","alg":"ES256","kid":"k1"}"#,
+        r#"{"alg":"ES256","kid":"k1","cty":"JWT"}"#,
+    ] {
+        let token = key.sign_text(header, &fine);
+        assert_eq!(
+            env.check(&token).await,
+            Err(Rejection::Malformed),
+            "{header}"
+        );
+    }
+    // A nested JWT: the payload is itself a signed token, announced by cty.
+    let inner = key.sign(&claims(&iss, AUD, 300));
+    let nested = key.sign_text(r#"{"alg":"ES256","kid":"k1","cty":"JWT"}"#, &inner);
+    assert_eq!(env.check(&nested).await, Err(Rejection::Malformed));
+}
+
+#[tokio::test]
 async fn issuer_whose_jwks_never_loaded_is_undecidable() {
     let key = TestKey::ec_p256("k1");
     let healthy_key = TestKey::ec_p256("h1");

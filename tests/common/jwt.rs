@@ -235,6 +235,19 @@ impl TestKey {
     pub fn sign_with_header(&self, header: &Value, claims: &Value) -> String {
         sign(self.alg, &self.encoding, Some(&self.kid), claims, header)
     }
+
+    /// A correctly signed token from header and payload taken verbatim (any text, e.g.
+    /// JSON with duplicate members, which `Value` cannot hold).
+    pub fn sign_text(&self, header: &str, payload: &str) -> String {
+        let message = format!(
+            "{}.{}",
+            b64url(header.as_bytes()),
+            b64url(payload.as_bytes())
+        );
+        let signature =
+            jsonwebtoken::crypto::sign(message.as_bytes(), &self.encoding, self.alg).unwrap();
+        format!("{message}.{signature}")
+    }
 }
 
 pub fn alg_name(alg: Algorithm) -> &'static str {
@@ -358,6 +371,8 @@ struct ServerState {
     discovery_issuer: Mutex<Option<String>>,
     down: AtomicBool,
     delay_ms: AtomicU64,
+    /// When set, `/jwks` answers 200 with this body (content type JSON) instead of the keys.
+    raw_jwks: Mutex<Option<Vec<u8>>>,
     jwks_requests: AtomicUsize,
     discovery_requests: AtomicUsize,
 }
@@ -381,6 +396,7 @@ impl JwksServer {
             discovery_issuer: Mutex::new(None),
             down: AtomicBool::new(false),
             delay_ms: AtomicU64::new(0),
+            raw_jwks: Mutex::new(None),
             jwks_requests: AtomicUsize::new(0),
             discovery_requests: AtomicUsize::new(0),
         });
@@ -447,6 +463,12 @@ impl JwksServer {
         self.state
             .delay_ms
             .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// `Some(body)`: `/jwks` answers 200 `application/json` with exactly `body` (garbage
+    /// of any kind); `None`: back to the key list.
+    pub fn set_raw_jwks(&self, body: Option<Vec<u8>>) {
+        *self.state.raw_jwks.lock().unwrap() = body;
     }
 
     /// Makes the discovery document name another issuer.
@@ -519,6 +541,13 @@ async fn jwks(State(state): State<Arc<ServerState>>) -> Response {
     state.jwks_requests.fetch_add(1, Ordering::SeqCst);
     if let Some(refused) = pause_or_refuse(&state).await {
         return refused;
+    }
+    if let Some(body) = state.raw_jwks.lock().unwrap().clone() {
+        return (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response();
     }
     let keys = state.keys.lock().unwrap().clone();
     let mut doc = Map::new();
