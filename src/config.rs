@@ -96,6 +96,11 @@ pub struct StoreConfig {
     /// sled page cache size in bytes. Default 256 MiB.
     #[serde(default = "default_cache_bytes")]
     pub cache_bytes: u64,
+    /// Width of the expiry log's time buckets: an entry is dropped by the first GC after
+    /// its bucket ends, so it outlives its expiry by at most this much. Smaller widths
+    /// free space sooner and cost more writes per event. Default `10m`.
+    #[serde(default = "default_expiry_granularity", with = "duration")]
+    pub expiry_granularity: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -354,6 +359,9 @@ fn default_request_timeout() -> Duration {
 fn default_store_path() -> PathBuf {
     PathBuf::from(DEFAULT_STORE_PATH)
 }
+fn default_expiry_granularity() -> Duration {
+    crate::denylist::DEFAULT_EXPIRY_BUCKET
+}
 fn default_gc_interval() -> Duration {
     Duration::from_secs(60)
 }
@@ -423,6 +431,7 @@ impl Default for StoreConfig {
         Self {
             path: default_store_path(),
             gc_interval: default_gc_interval(),
+            expiry_granularity: default_expiry_granularity(),
             cache_bytes: default_cache_bytes(),
         }
     }
@@ -532,6 +541,10 @@ impl Config {
         }
         if self.kafka.topics.is_empty() {
             return invalid("kafka.topics", "must name at least one topic");
+        }
+        let granularity = self.store.expiry_granularity;
+        if granularity < Duration::from_secs(1) || granularity > Duration::from_secs(86400) {
+            return invalid("store.expiry_granularity", "must be between 1s and 24h");
         }
         if self.kafka.batch_max == 0 {
             return invalid("kafka.batch_max", "must be at least 1");

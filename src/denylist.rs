@@ -9,13 +9,14 @@
 //! |---|---|---|
 //! | `T` `S` `E` `C` | kind, issuer (u16 length-prefixed), identifier | primary u64, expiry u64 |
 //! | `I` | kind, issuer | not_before u64, expiry u64 |
-//! | `X` | expiry bucket u64, sequence u64 | entry keys (u16 length-prefixed) expiring in that bucket |
+//! | `X` | bucket end (unix s) u64, sequence u64 | entry keys (u16 length-prefixed) expiring in that bucket |
 //! | `P` | topic (length-prefixed), partition i32 | next offset i64 |
 //! | `N` | kind | live-entry count u64 |
 //!
 //! `primary` is `not_before` for subject/client/issuer, the latest `event_time` for a
 //! session, and the token's `exp` (0 when unknown) for a token. The expiry log groups a
-//! batch's entries by `EXPIRY_BUCKET` of their expiry into one record, so an event costs
+//! batch's entries by time bucket of their expiry (`store.expiry_granularity`, keyed by
+//! the bucket's end, so the width may change between runs) into one record, so an event costs
 //! one key write rather than two; the GC walks only buckets that have wholly passed and
 //! drops an entry only if its current expiry has passed too (an entry extended since is
 //! listed again in its later bucket). Every merge is a `max`, so
@@ -43,8 +44,12 @@ const EXPIRY: u8 = b'X';
 const POSITION: u8 = b'P';
 const COUNT: u8 = b'N';
 
-/// Width of an expiry-log bucket in seconds: entries outlive their expiry by at most this.
-pub const EXPIRY_BUCKET: u64 = 600;
+/// Default width of an expiry-log bucket: entries outlive their expiry by at most this.
+pub const DEFAULT_EXPIRY_BUCKET: Duration = Duration::from_secs(600);
+/// Expiry-log keys below this are bucket *numbers* of 600 s written by stores before
+/// the key became the bucket's end time; [`Denylist::open`] rewrites them.
+const LEGACY_BUCKET_LIMIT: u64 = 1_000_000_000;
+const LEGACY_BUCKET: u64 = 600;
 /// Largest expiry-log record, so no single value grows unbounded with the batch size.
 const EXPIRY_RECORD_MAX: usize = 64 * 1024;
 
@@ -69,6 +74,8 @@ pub enum StoreError {
 pub struct Retention {
     per_issuer: HashMap<String, (u64, u64)>,
     default: (u64, u64),
+    /// Expiry-log bucket width in seconds (≥ 1).
+    bucket: u64,
 }
 
 impl Retention {
@@ -77,7 +84,20 @@ impl Retention {
         Self {
             per_issuer: HashMap::new(),
             default: (default_lifetime.as_secs(), default_leeway.as_secs()),
+            bucket: DEFAULT_EXPIRY_BUCKET.as_secs(),
         }
+    }
+
+    /// Entries are dropped by the first GC after their expiry's `width`-wide time bucket
+    /// ends (at most `width` late). Default [`DEFAULT_EXPIRY_BUCKET`]; at least 1 s.
+    pub fn with_expiry_granularity(mut self, width: Duration) -> Self {
+        self.bucket = width.as_secs().max(1);
+        self
+    }
+
+    /// End (unix seconds, exclusive) of the expiry bucket holding `expiry`.
+    fn bucket_end(&self, expiry: u64) -> u64 {
+        (expiry - expiry % self.bucket).saturating_add(self.bucket)
     }
 
     pub fn with_issuer(mut self, iss: &str, lifetime: Duration, leeway: Duration) -> Self {
@@ -94,7 +114,7 @@ impl Retention {
         for i in &config.issuers {
             r = r.with_issuer(&i.issuer, i.max_token_lifetime, i.leeway);
         }
-        r
+        r.with_expiry_granularity(config.store.expiry_granularity)
     }
 
     fn of(&self, iss: &str) -> (u64, u64) {
@@ -350,6 +370,7 @@ impl Denylist {
                 );
             }
         }
+        migrate_legacy_buckets(&tree)?;
         let index = Index::new();
         for (kind, _) in KINDS {
             for item in tree.scan_prefix([kind]) {
@@ -406,7 +427,9 @@ impl Denylist {
                 count_delta[kind_index(kind)] += 1;
             }
             if old.map(|[_, x]| x) != Some(new[1]) {
-                let list = expiring.entry(new[1] / EXPIRY_BUCKET).or_default();
+                let list = expiring
+                    .entry(self.retention.bucket_end(new[1]))
+                    .or_default();
                 push_prefixed(list, &key);
             }
             batch.insert(key.clone(), &encode_entry(new)[..]);
@@ -440,7 +463,7 @@ impl Denylist {
         let mut batch = sled::Batch::default();
         let mut count_delta = [0i64; 5];
         let mut removed: HashSet<Vec<u8>> = HashSet::new();
-        let end = expiry_key(now / EXPIRY_BUCKET, 0);
+        let end = expiry_key(now.saturating_add(1), 0);
         let mut records = 0;
         for item in self.tree.range(vec![EXPIRY]..end).take(limit) {
             let (xkey, list) = item?;
@@ -609,6 +632,26 @@ fn entry_key(kind: u8, iss: &str, id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(3 + iss.len() + id.len());
     fill_entry_key(&mut k, kind, iss, id);
     k
+}
+
+/// Rewrites expiry-log keys holding a bucket number of the old fixed 600 s width into
+/// the bucket's end time, in one batch. A no-op on stores written since.
+fn migrate_legacy_buckets(tree: &sled::Tree) -> Result<(), StoreError> {
+    let mut batch = sled::Batch::default();
+    let mut moved = 0usize;
+    for item in tree.range(vec![EXPIRY]..expiry_key(LEGACY_BUCKET_LIMIT, 0)) {
+        let (key, list) = item?;
+        let bucket = read_u64(&key, 1).ok_or(StoreError::Corrupt('X'))?;
+        let seq = read_u64(&key, 9).ok_or(StoreError::Corrupt('X'))?;
+        batch.remove(key);
+        batch.insert(expiry_key((bucket + 1) * LEGACY_BUCKET, seq), list);
+        moved += 1;
+    }
+    if moved > 0 {
+        tree.apply_batch(batch)?;
+        tracing::info!(records = moved, "expiry log rewritten to bucket end times");
+    }
+    Ok(())
 }
 
 fn expiry_key(bucket: u64, seq: u64) -> Vec<u8> {
@@ -918,6 +961,100 @@ mod tests {
         d.gc(4800, 10).unwrap();
         assert_eq!(d.sizes().subject, 0);
         assert_eq!(d.tree.scan_prefix([EXPIRY]).count(), 0);
+    }
+
+    #[test]
+    fn expiry_granularity_bounds_how_late_an_entry_is_dropped() {
+        let d = Denylist::temporary(
+            Retention::new(Duration::from_secs(HOUR), Duration::ZERO)
+                .with_expiry_granularity(Duration::from_secs(5)),
+        )
+        .unwrap();
+        let token = |jti: &str, exp| {
+            ev(
+                100,
+                Revocation::Token {
+                    iss: "I".into(),
+                    jti: jti.into(),
+                    exp: Some(exp),
+                },
+            )
+        };
+        d.apply(
+            &[token("a", 1001), token("b", 1004), token("c", 1005)],
+            &[],
+            100,
+        )
+        .unwrap();
+        // a and b share the bucket [1000, 1005); c is in [1005, 1010).
+        assert!(d.gc(1004, 100).unwrap().dropped.is_empty());
+        assert_eq!(d.gc(1005, 100).unwrap().dropped.get("token"), Some(&2));
+        assert_eq!(d.sizes().token, 1);
+        assert!(d.gc(1009, 100).unwrap().dropped.is_empty());
+        assert_eq!(d.gc(1010, 100).unwrap().dropped.get("token"), Some(&1));
+        assert_eq!(d.tree.scan_prefix([EXPIRY]).count(), 0);
+    }
+
+    #[test]
+    fn width_changes_between_runs_and_legacy_bucket_numbers_are_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = Retention::new(Duration::from_secs(HOUR), Duration::ZERO);
+        let t = |jti: &'static str| TokenRef {
+            iss: "I",
+            jti: Some(jti),
+            ..Default::default()
+        };
+        let now = 1_700_000_000;
+        {
+            let d = Denylist::open(dir.path(), 1 << 20, base.clone()).unwrap();
+            let token = |jti: &str, exp| {
+                ev(
+                    now,
+                    Revocation::Token {
+                        iss: "I".into(),
+                        jti: jti.into(),
+                        exp: Some(exp),
+                    },
+                )
+            };
+            d.apply(&[token("new", now + 30)], &[], now).unwrap();
+            // A record as stores before the bucket-end keys wrote it: bucket number
+            // expiry / 600 (here 2_833_333, covering [now - 200, now + 400)).
+            d.apply(&[token("old", now + 60)], &[], now).unwrap();
+            let old_key = entry_key(TOKEN, "I", "old");
+            for item in d.tree.scan_prefix([EXPIRY]) {
+                let (k, list) = item.unwrap();
+                if list.windows(3).any(|w| w == b"old") {
+                    d.tree.remove(&k).unwrap();
+                }
+            }
+            let mut list = Vec::new();
+            push_prefixed(&mut list, &old_key);
+            d.tree
+                .insert(expiry_key((now + 60) / LEGACY_BUCKET, 7), list)
+                .unwrap();
+            d.flush().unwrap();
+        }
+        // Reopened with a 10 s width: both entries go once their buckets end.
+        let d = Denylist::open(
+            dir.path(),
+            1 << 20,
+            base.with_expiry_granularity(Duration::from_secs(10)),
+        )
+        .unwrap();
+        assert!(d
+            .tree
+            .range(vec![EXPIRY]..expiry_key(LEGACY_BUCKET_LIMIT, 0))
+            .next()
+            .is_none());
+        assert!(
+            d.gc(now + 60, 100).unwrap().dropped.is_empty(),
+            "600 s bucket not over"
+        );
+        assert_eq!(d.revoked_by(&t("new")).unwrap(), Some("token"));
+        assert_eq!(d.gc(now + 400, 100).unwrap().dropped.get("token"), Some(&2));
+        assert_eq!(d.revoked_by(&t("old")).unwrap(), None);
+        assert_eq!(d.sizes().total(), 0);
     }
 
     #[test]

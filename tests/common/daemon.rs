@@ -159,6 +159,11 @@ impl Daemon {
         format!("http://127.0.0.1:{}{}", self.port, path)
     }
 
+    /// The child's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL: no flush, no goodbye.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
