@@ -155,3 +155,138 @@ async fn a_full_disk_makes_revsync_refuse_to_vouch_and_it_survives() {
         .await
         .expect("daemon ends");
 }
+
+fn remount(path: &Path, options: &str) {
+    let ok = Command::new("mount")
+        .args(["-o", &format!("remount,{options}")])
+        .arg(path)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "remount {options} {}", path.display());
+}
+
+#[test]
+fn an_unwritable_store_at_start_is_a_clear_error() {
+    let broker = Broker::memory();
+    let dir = tempfile::tempdir().unwrap();
+    let ro = dir.path().join("ro");
+    let _fs = Tmpfs::mount(&ro, "1m");
+    // Nothing is open on it yet, so it can turn read-only.
+    remount(&ro, "ro");
+    let port = common::broker::free_port();
+    let config = common::daemon::DaemonConfig {
+        store: ro.join("store"),
+        ..common::daemon::DaemonConfig::new(port, dir.path(), &broker, "rev")
+    }
+    .write(&dir.path().join("revsync.toml"));
+    let out = Command::new(env!("CARGO_BIN_EXE_revsync"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "started on a read-only store: {stderr}"
+    );
+    assert!(
+        stderr.contains(&ro.join("store").display().to_string())
+            && stderr.to_lowercase().contains("read-only"),
+        "the error names the store and the cause: {stderr}"
+    );
+}
+
+/// The disk fills under a running daemon, then space is freed: restarted, revsync re-reads
+/// what it could not write and loses nothing (positions never ran ahead of the data).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_full_disk_is_grown_a_restart_loses_nothing() {
+    use common::daemon::{Daemon, DaemonConfig};
+    let broker = Broker::memory();
+    broker.create_topic("rev", 1);
+    let key = TestKey::ec_p256("k1");
+    let jwks = JwksServer::with_keys(&[&key]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    let _fs = Tmpfs::mount(&disk, "12m");
+    let port = common::broker::free_port();
+    let config = DaemonConfig {
+        store: disk.join("store"),
+        ..DaemonConfig::new(port, dir.path(), &broker, "rev").trusting(&jwks, "api")
+    }
+    .toml()
+    .replace("[store]\n", "[store]\ncache_bytes = 1048576\n");
+    let config = {
+        let path = dir.path().join("revsync.toml");
+        std::fs::write(&path, config).unwrap();
+        path
+    };
+    let client = reqwest::Client::new();
+    let status = |daemon: &Daemon| {
+        let client = client.clone();
+        let url = daemon.url("/v1/status");
+        async move {
+            let v: Value = client.get(url).send().await.unwrap().json().await.unwrap();
+            v
+        }
+    };
+    let mut daemon = Daemon::spawn(&config, port);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while status(&daemon).await["ready"] != true {
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    const N: usize = 60_000;
+    let bootstrap = broker.bootstrap();
+    tokio::task::spawn_blocking(move || {
+        let p = Publisher::new(&KafkaConfig::new(bootstrap), "rev").unwrap();
+        let exp = revsync::unix_now() + 3600;
+        for i in 0..N {
+            p.send(&Event {
+                id: format!("e{i}"),
+                event_time: revsync::unix_now(),
+                revocation: Revocation::Token {
+                    iss: "A".into(),
+                    jti: format!("{i:0>200}"),
+                    exp: Some(exp),
+                },
+                reason: None,
+            })
+            .unwrap();
+        }
+        p.finish(Duration::from_secs(60)).unwrap();
+    })
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status(&daemon).await;
+        if s["freshness"]["store_failing"] == true {
+            assert_eq!(s["ready"], false);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the store never reported failing: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Space freed (the volume grown), the daemon restarted by its supervisor.
+    remount(&disk, "size=512m");
+    daemon.kill9();
+    let daemon = Daemon::spawn(&config, port);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = status(&daemon).await;
+        if s["ready"] == true && s["denylist"]["token"] == N {
+            assert_eq!(s["partitions"][0]["position"], N, "{s}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "revocations lost across the full disk: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
