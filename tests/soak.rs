@@ -51,6 +51,20 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// A revocation of token `jti` of `iss`, sent now.
+fn revoke_token(iss: &str, jti: String, exp: Option<u64>) -> Event {
+    Event {
+        id: jti.clone(),
+        event_time: revsync::unix_now(),
+        revocation: Revocation::Token {
+            iss: iss.to_string(),
+            jti,
+            exp,
+        },
+        reason: None,
+    }
+}
+
 /// Resident set size of `pid`, bytes.
 fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -204,31 +218,15 @@ fn sustained_load_with_a_steady_event_stream_and_gc() {
                 let due = rate * tick / 100;
                 let now_s = revsync::unix_now();
                 while sent < due {
-                    let event = Event {
-                        id: format!("bg-{sent}"),
-                        event_time: now_s,
-                        revocation: Revocation::Token {
-                            iss: iss.clone(),
-                            jti: format!("bg-{sent}"),
-                            exp: Some(now_s + ttl),
-                        },
-                        reason: None,
-                    };
-                    publisher.send(&event).unwrap();
+                    let jti = format!("bg-{sent}");
+                    publisher
+                        .send(&revoke_token(&iss, jti, Some(now_s + ttl)))
+                        .unwrap();
                     sent += 1;
                 }
                 if tick % 10 == 0 && victim < POOL / 2 {
-                    let event = Event {
-                        id: format!("victim-{victim}"),
-                        event_time: now_s,
-                        revocation: Revocation::Token {
-                            iss: iss.clone(),
-                            jti: format!("soak-pool-{victim}"),
-                            exp: None,
-                        },
-                        reason: None,
-                    };
-                    publisher.send(&event).unwrap();
+                    let jti = format!("soak-pool-{victim}");
+                    publisher.send(&revoke_token(&iss, jti, None)).unwrap();
                     victims.lock().unwrap().insert(victim, Instant::now());
                     victim += 1;
                 }

@@ -39,6 +39,32 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Publishes `n` token revocations to topic `rev` whose 200-byte ids make each stored
+/// entry ~300 bytes, and waits until the broker has them all.
+async fn publish_bulky(broker: &Broker, n: usize) {
+    let bootstrap = broker.bootstrap();
+    tokio::task::spawn_blocking(move || {
+        let p = Publisher::new(&KafkaConfig::new(bootstrap), "rev").unwrap();
+        let exp = revsync::unix_now() + 3600;
+        for i in 0..n {
+            p.send(&Event {
+                id: format!("e{i}"),
+                event_time: revsync::unix_now(),
+                revocation: Revocation::Token {
+                    iss: "A".into(),
+                    jti: format!("{i:0>200}"),
+                    exp: Some(exp),
+                },
+                reason: None,
+            })
+            .unwrap();
+        }
+        p.finish(Duration::from_secs(60)).unwrap();
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_makes_revsync_refuse_to_vouch_and_it_survives() {
     let broker = Broker::memory();
@@ -95,27 +121,7 @@ async fn a_full_disk_makes_revsync_refuse_to_vouch_and_it_survives() {
     assert_eq!(check().await["active"], true);
 
     // Far more than 12 MiB of revocations (long ids make each entry ~300 bytes).
-    let bootstrap = broker.bootstrap();
-    tokio::task::spawn_blocking(move || {
-        let p = Publisher::new(&KafkaConfig::new(bootstrap), "rev").unwrap();
-        let exp = revsync::unix_now() + 3600;
-        for i in 0..60_000 {
-            p.send(&Event {
-                id: format!("e{i}"),
-                event_time: revsync::unix_now(),
-                revocation: Revocation::Token {
-                    iss: "A".into(),
-                    jti: format!("{i:0>200}"),
-                    exp: Some(exp),
-                },
-                reason: None,
-            })
-            .unwrap();
-        }
-        p.finish(Duration::from_secs(60)).unwrap();
-    })
-    .await
-    .unwrap();
+    publish_bulky(&broker, 60_000).await;
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let status = loop {
@@ -237,27 +243,7 @@ async fn after_a_full_disk_is_grown_a_restart_loses_nothing() {
     }
 
     const N: usize = 60_000;
-    let bootstrap = broker.bootstrap();
-    tokio::task::spawn_blocking(move || {
-        let p = Publisher::new(&KafkaConfig::new(bootstrap), "rev").unwrap();
-        let exp = revsync::unix_now() + 3600;
-        for i in 0..N {
-            p.send(&Event {
-                id: format!("e{i}"),
-                event_time: revsync::unix_now(),
-                revocation: Revocation::Token {
-                    iss: "A".into(),
-                    jti: format!("{i:0>200}"),
-                    exp: Some(exp),
-                },
-                reason: None,
-            })
-            .unwrap();
-        }
-        p.finish(Duration::from_secs(60)).unwrap();
-    })
-    .await
-    .unwrap();
+    publish_bulky(&broker, N).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let s = status(&daemon).await;
