@@ -77,6 +77,11 @@ impl Publisher {
         }
     }
 
+    /// Records queued or sent but not yet acknowledged by the broker.
+    pub fn in_flight(&self) -> usize {
+        usize::try_from(self.producer.in_flight_count()).unwrap_or(0)
+    }
+
     /// Waits until every queued record is acknowledged (or `timeout`).
     pub fn finish(&self, timeout: Duration) -> Result<(), PublishError> {
         self.producer.flush(timeout)?;

@@ -201,13 +201,14 @@ fn sustained_load_with_a_steady_event_stream_and_gc() {
     let victims: Mutex<HashMap<usize, Instant>> = Mutex::new(HashMap::new());
     let stop = AtomicBool::new(false);
     let published = AtomicU64::new(0);
+    let backlog = AtomicU64::new(0);
     let mut samples: Vec<Sample> = Vec::new();
     let run_start = Instant::now();
 
     let load = std::thread::scope(|s| {
         // The steady stream: `rate` token revocations per second in 10 ms slices, plus
         // one victim from the pool every 100 ms.
-        s.spawn(|| {
+        let stream = s.spawn(|| {
             let publisher = Publisher::new(&KafkaConfig::new(broker.bootstrap()), TOPIC).unwrap();
             let start = Instant::now();
             let mut sent = 0u64;
@@ -231,13 +232,14 @@ fn sustained_load_with_a_steady_event_stream_and_gc() {
                     victim += 1;
                 }
                 published.store(sent, Ordering::Relaxed);
+                backlog.store(publisher.in_flight() as u64, Ordering::Relaxed);
                 let next = start + Duration::from_millis(10 * tick);
                 if let Some(wait) = next.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
                 }
             }
-            publisher.finish(Duration::from_secs(30)).unwrap();
             published.store(sent, Ordering::Relaxed);
+            publisher.finish(Duration::from_secs(120))
         });
 
         // Samples RSS and the denylist once a second.
@@ -253,11 +255,17 @@ fn sustained_load_with_a_steady_event_stream_and_gc() {
                     })
                     .unwrap_or(0);
                 if let Some(rss) = rss_bytes(pid) {
-                    out.push(Sample {
-                        at: run_start.elapsed().as_secs_f64(),
-                        rss,
-                        entries,
-                    });
+                    let at = run_start.elapsed().as_secs_f64();
+                    // A line a minute on long runs, to watch them go.
+                    if secs >= 120 && out.len() % 60 == 59 {
+                        eprintln!(
+                            "soak {at:.0} s: RSS {:.1} MiB, {entries} entries, {} published, {} unacknowledged",
+                            rss as f64 / 1048576.0,
+                            published.load(Ordering::Relaxed),
+                            backlog.load(Ordering::Relaxed),
+                        );
+                    }
+                    out.push(Sample { at, rss, entries });
                 }
                 std::thread::sleep(Duration::from_secs(1));
             }
@@ -328,8 +336,13 @@ fn sustained_load_with_a_steady_event_stream_and_gc() {
         );
         stop.store(true, Ordering::Relaxed);
         samples = sampler.join().unwrap();
-        load
+        (load, stream.join().unwrap())
     });
+    let (load, stream) = load;
+    assert!(
+        stream.is_ok(),
+        "the broker did not acknowledge the event stream: {stream:?}"
+    );
 
     // After the run: every victim is revoked, and the daemon still answers.
     let mut client = Client::connect(addr).unwrap();
