@@ -1024,6 +1024,59 @@ mod tests {
     }
 
     #[test]
+    fn the_credential_matches_only_itself_and_never_shows() {
+        let c = Credential::new("0123456789abcdef");
+        assert!(c.matches(b"0123456789abcdef"));
+        for other in [
+            &b""[..],
+            b"0123456789abcde",
+            b"0123456789abcdef ",
+            b"0123456789ABCDEF",
+        ] {
+            assert!(!c.matches(other), "{other:?}");
+        }
+        assert!(!Credential::new("").matches(b""), "empty never matches");
+        assert_eq!(format!("{c:?}"), "Credential(<redacted>)");
+    }
+
+    #[test]
+    fn only_the_probes_are_open() {
+        for (path, guarded) in [
+            ("/healthz", Guarded::Open),
+            ("/readyz", Guarded::Open),
+            ("/introspect", Guarded::Introspect),
+            ("/metrics", Guarded::Metrics),
+            ("/v1/check", Guarded::Header),
+            ("/v1/authz/healthz", Guarded::Header),
+            ("/healthz/", Guarded::Header),
+            ("/%68ealthz", Guarded::Header),
+            ("/introspect/", Guarded::Header),
+            ("", Guarded::Header),
+        ] {
+            assert_eq!(Guarded::of(path), guarded, "{path:?}");
+        }
+    }
+
+    #[test]
+    fn basic_passwords_are_form_urlencoded_decoded() {
+        for (encoded, decoded) in [
+            ("abc", "abc"),
+            ("a+b", "a b"),
+            ("%2B%2f%25", "+/%"),
+            ("100%", "100%"),
+            ("%4", "%4"),
+            ("%zz1", "%zz1"),
+            ("%41%", "A%"),
+        ] {
+            assert_eq!(
+                form_urlencoded_decode(encoded.as_bytes()),
+                decoded.as_bytes(),
+                "{encoded}"
+            );
+        }
+    }
+
+    #[test]
     fn inactive_answers_are_the_json_objects() {
         for reason in ["revoked", "expired", "stale", "unknown_key"] {
             for undecided in [false, true] {
