@@ -256,9 +256,11 @@ struct Guard {
 
 impl Guard {
     fn admits(&self, route: Guarded, headers: &header::HeaderMap) -> bool {
+        // When the header is there it decides, and it must be there once: of two values,
+        // which one counts is never guessed.
         let mut presented = headers.get_all(&CREDENTIAL_HEADER).iter();
-        if let (Some(value), None) = (presented.next(), presented.next()) {
-            return self.credential.matches(value.as_bytes());
+        if let Some(value) = presented.next() {
+            return presented.next().is_none() && self.credential.matches(value.as_bytes());
         }
         if route == Guarded::Header {
             return false;

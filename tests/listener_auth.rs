@@ -429,6 +429,30 @@ async fn introspect_takes_basic_and_bearer_and_metrics_takes_bearer() {
         assert_eq!(exposed_unauthorized(&r.text()), before + 8);
         r.assert_does_not_echo(SECRET);
     }
+    // The header, when sent, decides: a wrong or doubled one is not rescued by a right
+    // Authorization.
+    let bearer = format!("Bearer {SECRET}");
+    for extra in [
+        vec![
+            ("x-revsync-credential", "wrong"),
+            ("authorization", bearer.as_str()),
+        ],
+        vec![
+            ("x-revsync-credential", SECRET),
+            ("x-revsync-credential", SECRET),
+            ("authorization", bearer.as_str()),
+        ],
+    ] {
+        for uri in ["/metrics", "/introspect"] {
+            let method = if uri == "/metrics" {
+                Method::GET
+            } else {
+                Method::POST
+            };
+            let r = h.request(method, uri, &extra, form.clone()).await;
+            assert_refused(&r, &format!("{uri} with {extra:?}"), "");
+        }
+    }
     for authorization in [basic("prometheus", SECRET), "Bearer wrong".to_string()] {
         let r = h
             .request(
