@@ -181,6 +181,223 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The header that carries `http.credential` on every protected route.
+pub const CREDENTIAL_HEADER: header::HeaderName =
+    header::HeaderName::from_static("x-revsync-credential");
+
+/// `http.credential`, kept only as its SHA-256 digest. Presented values are hashed and the
+/// digests compared in constant time, so neither the content nor the length of the
+/// secret leaks through timing.
+#[derive(Clone)]
+pub struct Credential {
+    digest: [u8; 32],
+}
+
+impl Credential {
+    pub fn new(secret: &str) -> Self {
+        Credential {
+            digest: sha256(secret.as_bytes()),
+        }
+    }
+
+    fn matches(&self, presented: &[u8]) -> bool {
+        let equal =
+            aws_lc_rs::constant_time::verify_slices_are_equal(&sha256(presented), &self.digest)
+                .is_ok();
+        equal && !presented.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credential(<redacted>)")
+    }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+/// What a path needs of a client when a credential is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Guarded {
+    /// `/healthz`, `/readyz`: probes, open to all.
+    Open,
+    /// `X-Revsync-Credential` only: `/v1/check` and `/v1/authz` carry the checked token in
+    /// `Authorization`; `/v1/status` and unknown paths follow the same rule.
+    Header,
+    /// `/introspect`: also HTTP Basic (any client id, the credential as password) or
+    /// Bearer, as RFC 7662 §2.1 clients authenticate.
+    Introspect,
+    /// `/metrics`: also Bearer (Prometheus `authorization` scrape config).
+    Metrics,
+}
+
+impl Guarded {
+    /// By the raw request path, exactly as the router matches it: anything not exactly an
+    /// open route is guarded.
+    fn of(path: &str) -> Self {
+        match path {
+            "/healthz" | "/readyz" => Guarded::Open,
+            "/introspect" => Guarded::Introspect,
+            "/metrics" => Guarded::Metrics,
+            _ => Guarded::Header,
+        }
+    }
+}
+
+struct Guard {
+    credential: Credential,
+    metrics: Arc<Metrics>,
+}
+
+impl Guard {
+    fn admits(&self, route: Guarded, headers: &header::HeaderMap) -> bool {
+        // When the header is there it decides, and it must be there once: of two values,
+        // which one counts is never guessed.
+        let mut presented = headers.get_all(&CREDENTIAL_HEADER).iter();
+        if let Some(value) = presented.next() {
+            return presented.next().is_none() && self.credential.matches(value.as_bytes());
+        }
+        if route == Guarded::Header {
+            return false;
+        }
+        let Some(authorization) = headers.get(header::AUTHORIZATION) else {
+            return false;
+        };
+        let Some((scheme, rest)) = authorization.to_str().ok().and_then(|v| v.split_once(' '))
+        else {
+            return false;
+        };
+        let rest = rest.trim();
+        if scheme.eq_ignore_ascii_case("bearer") {
+            return self.credential.matches(rest.as_bytes());
+        }
+        if route == Guarded::Introspect && scheme.eq_ignore_ascii_case("basic") {
+            return self.basic_password_matches(rest);
+        }
+        false
+    }
+
+    /// `base64(client_id ":" password)`, the password as sent or, per RFC 6749 §2.3.1,
+    /// form-urlencoded first.
+    fn basic_password_matches(&self, encoded: &str) -> bool {
+        use base64::Engine;
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded) else {
+            return false;
+        };
+        let Some(colon) = decoded.iter().position(|b| *b == b':') else {
+            return false;
+        };
+        let password = &decoded[colon + 1..];
+        if self.credential.matches(password) {
+            return true;
+        }
+        let unescaped = form_urlencoded_decode(password);
+        unescaped != password && self.credential.matches(&unescaped)
+    }
+}
+
+/// `application/x-www-form-urlencoded` decoding of one value: `+` is a space, `%XX` a byte.
+fn form_urlencoded_decode(value: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(value.len());
+    let mut i = 0;
+    while i < value.len() {
+        match value[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < value.len() => match (hex(value[i + 1]), hex(value[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
+}
+
+/// `app` with every route but the probes behind `credential` (DESIGN.md "HTTP API";
+/// README "Security"). A refusal is a 401, counted in `revsync_http_unauthorized_total`;
+/// an admitted request reaches its handler without the credential header.
+pub fn require_credential(app: Router, credential: Credential, metrics: Arc<Metrics>) -> Router {
+    let guard = Arc::new(Guard {
+        credential,
+        metrics,
+    });
+    app.layer(axum::middleware::from_fn_with_state(
+        guard,
+        check_credential,
+    ))
+}
+
+async fn check_credential(
+    State(guard): State<Arc<Guard>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = Guarded::of(req.uri().path());
+    if route == Guarded::Open {
+        return next.run(req).await;
+    }
+    if guard.admits(route, req.headers()) {
+        let headers = req.headers_mut();
+        headers.remove(&CREDENTIAL_HEADER);
+        if route != Guarded::Header {
+            // It may have carried the credential; neither handler reads it.
+            headers.remove(header::AUTHORIZATION);
+        }
+        return next.run(req).await;
+    }
+    guard.metrics.http_unauthorized.inc();
+    // Neither the credential nor any Authorization header is ever logged (invariant 6).
+    tracing::debug!(route = ?route, "request refused: missing or wrong credential");
+    credential_refused(route)
+}
+
+/// The 401 of a request without the credential. `/introspect` answers as an RFC 6749
+/// §5.2 token endpoint does to a client that failed to authenticate.
+fn credential_refused(route: Guarded) -> Response {
+    let (challenge, body) = match route {
+        Guarded::Introspect => (
+            r#"Basic realm="revsync""#,
+            json!({
+                "error": "invalid_client",
+                "error_description": "missing or wrong credential (X-Revsync-Credential, HTTP Basic password or Bearer)",
+            }),
+        ),
+        Guarded::Metrics => (
+            r#"Bearer realm="revsync""#,
+            json!({
+                "error": "unauthorized",
+                "error_description": "missing or wrong X-Revsync-Credential (or Authorization: Bearer)",
+            }),
+        ),
+        Guarded::Header | Guarded::Open => (
+            r#"X-Revsync-Credential realm="revsync""#,
+            json!({
+                "error": "unauthorized",
+                "error_description": "missing or wrong X-Revsync-Credential",
+            }),
+        ),
+    };
+    (
+        StatusCode::UNAUTHORIZED,
+        [(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(challenge),
+        )],
+        Json(body),
+    )
+        .into_response()
+}
+
 /// The (first) `Authorization` header of a request; unlike the `HeaderMap` extractor it
 /// copies no other header.
 struct Authorization(Option<HeaderValue>);
@@ -805,6 +1022,59 @@ mod tests {
                     "{route} {outcome} {reason}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn the_credential_matches_only_itself_and_never_shows() {
+        let c = Credential::new("0123456789abcdef");
+        assert!(c.matches(b"0123456789abcdef"));
+        for other in [
+            &b""[..],
+            b"0123456789abcde",
+            b"0123456789abcdef ",
+            b"0123456789ABCDEF",
+        ] {
+            assert!(!c.matches(other), "{other:?}");
+        }
+        assert!(!Credential::new("").matches(b""), "empty never matches");
+        assert_eq!(format!("{c:?}"), "Credential(<redacted>)");
+    }
+
+    #[test]
+    fn only_the_probes_are_open() {
+        for (path, guarded) in [
+            ("/healthz", Guarded::Open),
+            ("/readyz", Guarded::Open),
+            ("/introspect", Guarded::Introspect),
+            ("/metrics", Guarded::Metrics),
+            ("/v1/check", Guarded::Header),
+            ("/v1/authz/healthz", Guarded::Header),
+            ("/healthz/", Guarded::Header),
+            ("/%68ealthz", Guarded::Header),
+            ("/introspect/", Guarded::Header),
+            ("", Guarded::Header),
+        ] {
+            assert_eq!(Guarded::of(path), guarded, "{path:?}");
+        }
+    }
+
+    #[test]
+    fn basic_passwords_are_form_urlencoded_decoded() {
+        for (encoded, decoded) in [
+            ("abc", "abc"),
+            ("a+b", "a b"),
+            ("%2B%2f%25", "+/%"),
+            ("100%", "100%"),
+            ("%4", "%4"),
+            ("%zz1", "%zz1"),
+            ("%41%", "A%"),
+        ] {
+            assert_eq!(
+                form_urlencoded_decode(encoded.as_bytes()),
+                decoded.as_bytes(),
+                "{encoded}"
+            );
         }
     }
 

@@ -125,6 +125,17 @@ impl Listener {
         }))
     }
 
+    /// Whether only this host can connect: a Unix socket, or a TCP socket bound to a
+    /// loopback address.
+    pub fn is_local(&self) -> bool {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .is_ok_and(|a| a.ip().to_canonical().is_loopback()),
+            Listener::Unix(..) => true,
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             Listener::Tcp(l) => l
@@ -192,6 +203,21 @@ pub async fn run(
     listener: Listener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Read before anything starts: a credential file that cannot be read stops start-up.
+    let credential = config
+        .http
+        .credential()
+        .context("the check API credential")?;
+    // `Config::validate` refuses a non-loopback `http.listen` without a credential; this
+    // holds the socket actually bound to the same rule (a host name that resolved
+    // elsewhere, a config built in code).
+    if credential.is_none() && !listener.is_local() {
+        anyhow::bail!(
+            "http.listen = {} is not a loopback address: set http.credential or http.credential_file (clients send it in {})",
+            listener.describe(),
+            crate::config::CREDENTIAL_HEADER
+        );
+    }
     let metrics = Arc::new(Metrics::new());
     // Counters of rare events whose labels are known now start at 0: a series born at 1
     // on its first increment is invisible to rate()/increase(), and absent from /metrics.
@@ -328,12 +354,15 @@ pub async fn run(
         denylist: denylist.clone(),
         freshness,
         ingest: ingest_state,
-        metrics,
+        metrics: metrics.clone(),
     });
-    let app = api::router(AppState {
+    let mut app = api::router(AppState {
         checker,
         max_body_bytes: config.http.max_body_bytes,
     });
+    if let Some(secret) = &credential {
+        app = api::require_credential(app, api::Credential::new(secret), metrics);
+    }
     let sizes = denylist.sizes();
     info!(
         listen = %listener.describe(),
@@ -342,6 +371,7 @@ pub async fn run(
         issuers = ?config.issuers.iter().map(|i| i.issuer.as_str()).collect::<Vec<_>>(),
         store = %config.store.path.display(),
         denylist_entries = sizes.total(),
+        credential = credential.is_some(),
         "revsync started"
     );
 

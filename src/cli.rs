@@ -49,9 +49,14 @@ pub enum Command {
     /// Ask a running daemon about a token (read from stdin, never from the command line).
     Check(CheckArgs),
     /// Exit 0 if URL answers 2xx, 1 otherwise (for exec probes: revsync listens on loopback).
+    /// Sends the check API credential when one is configured (see `check`).
     Probe {
         #[arg(default_value = "http://127.0.0.1:8181/readyz")]
         url: String,
+        /// Take the credential (http.credential or http.credential_file) from this config
+        /// file; without one, from REVSYNC_HTTP__CREDENTIAL or REVSYNC_HTTP__CREDENTIAL_FILE.
+        #[arg(long, short, env = "REVSYNC_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Inspect the denylist store of a stopped daemon.
     Denylist {
@@ -164,6 +169,11 @@ pub struct CheckArgs {
     /// Base URL of the daemon.
     #[arg(long, default_value = "http://127.0.0.1:8181")]
     pub url: String,
+    /// Take the credential (http.credential or http.credential_file) from this config
+    /// file; without one, from REVSYNC_HTTP__CREDENTIAL or REVSYNC_HTTP__CREDENTIAL_FILE.
+    /// Sent as X-Revsync-Credential when one is configured.
+    #[arg(long, short, env = "REVSYNC_CONFIG")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -197,6 +207,32 @@ pub fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
     Ok(Config::load(path, process_env())?)
 }
 
+/// The check API credential a client command sends: from the config file when given
+/// (environment overrides included), else from `REVSYNC_HTTP__CREDENTIAL` or
+/// `REVSYNC_HTTP__CREDENTIAL_FILE`; none when neither configures one.
+fn client_credential(config: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    let http = match config {
+        Some(path) => load_config(path)?.http,
+        None => crate::config::HttpConfig::from_env(process_env())?,
+    };
+    Ok(http.credential()?)
+}
+
+/// `request` with `X-Revsync-Credential` when there is a credential, marked sensitive
+/// (never shown by a `Debug` of the request).
+fn with_credential(
+    request: reqwest::RequestBuilder,
+    credential: Option<&str>,
+) -> anyhow::Result<reqwest::RequestBuilder> {
+    let Some(secret) = credential else {
+        return Ok(request);
+    };
+    let mut value = reqwest::header::HeaderValue::from_str(secret)
+        .context("the credential is not a valid header value")?;
+    value.set_sensitive(true);
+    Ok(request.header(crate::config::CREDENTIAL_HEADER, value))
+}
+
 pub async fn execute(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Run(args) => {
@@ -223,11 +259,13 @@ pub async fn execute(cli: Cli) -> anyhow::Result<i32> {
         Command::Dev(args) => crate::dev::run(args).await,
         Command::Publish(args) => publish(args).await,
         Command::Check(args) => check(args).await,
-        Command::Probe { url } => {
-            let ok = reqwest::Client::builder()
+        Command::Probe { url, config } => {
+            let credential = client_credential(config.as_deref())?;
+            let request = reqwest::Client::builder()
                 .timeout(Duration::from_secs(2))
                 .build()?
-                .get(&url)
+                .get(&url);
+            let ok = with_credential(request, credential.as_deref())?
                 .send()
                 .await
                 .is_ok_and(|r| r.status().is_success());
@@ -350,10 +388,12 @@ async fn check(args: CheckArgs) -> anyhow::Result<i32> {
     if token.is_empty() {
         bail!("no token on stdin (usage: revsync check < token.txt)");
     }
+    let credential = client_credential(args.config.as_deref())?;
     let url = format!("{}/v1/check", args.url.trim_end_matches('/'));
-    let resp = reqwest::Client::new()
+    let request = reqwest::Client::new()
         .post(&url)
-        .json(&serde_json::json!({ "token": token }))
+        .json(&serde_json::json!({ "token": token }));
+    let resp = with_credential(request, credential.as_deref())?
         .send()
         .await
         .with_context(|| format!("asking {url}"))?;

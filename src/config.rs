@@ -61,13 +61,24 @@ pub struct Config {
     pub ssf: Option<SsfConfig>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     /// Where the check API listens: `host:port` (loopback by default) or
-    /// `unix:/path/to.sock`. Default `127.0.0.1:8181`.
+    /// `unix:/path/to.sock`. Default `127.0.0.1:8181`. A TCP address other than loopback
+    /// (127.0.0.0/8, ::1, `localhost`) needs `credential` or `credential_file`.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// The secret clients send as `X-Revsync-Credential` (and, on `/introspect` and
+    /// `/metrics`, as `Authorization`) on every route but `/healthz` and `/readyz`,
+    /// compared in constant time. At least 16 bytes; redacted when the config is printed
+    /// (prefer `REVSYNC_HTTP__CREDENTIAL`, or `credential_file`). Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+    /// A file holding the credential (a Kubernetes secret, say), read at start-up; one
+    /// trailing newline is ignored. Not together with `credential`. Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_file: Option<PathBuf>,
     /// Largest request body accepted, in bytes; larger bodies get 413. Default 16384.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
@@ -82,6 +93,150 @@ pub struct HttpConfig {
     /// is 408. Must exceed the JWKS and introspection timeouts. Default `15s`.
     #[serde(default = "default_request_timeout", with = "duration")]
     pub request_timeout: Duration,
+}
+
+impl std::fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpConfig")
+            .field("listen", &self.listen)
+            .field(
+                "credential",
+                &self.credential.as_ref().map(|_| "<redacted>"),
+            )
+            .field("credential_file", &self.credential_file)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .finish()
+    }
+}
+
+/// The header that carries `http.credential` on every protected route.
+pub const CREDENTIAL_HEADER: &str = "X-Revsync-Credential";
+/// Shortest `http.credential` accepted.
+pub const MIN_CREDENTIAL_BYTES: usize = 16;
+
+impl HttpConfig {
+    /// The credential clients must present: `credential`, or the content of
+    /// `credential_file` without one trailing newline (read now), or none.
+    pub fn credential(&self) -> Result<Option<String>, ConfigError> {
+        let invalid = |key: &str, problem: String| ConfigError::Invalid {
+            key: key.to_string(),
+            problem,
+        };
+        let (key, secret) = match (&self.credential, &self.credential_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "http.credential_file",
+                    "set http.credential or http.credential_file, not both".into(),
+                ))
+            }
+            (None, None) => return Ok(None),
+            (Some(secret), None) => ("http.credential", secret.clone()),
+            (None, Some(path)) => {
+                let mut text = std::fs::read_to_string(path).map_err(|e| {
+                    invalid(
+                        "http.credential_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                if text.ends_with('\n') {
+                    text.pop();
+                    if text.ends_with('\r') {
+                        text.pop();
+                    }
+                }
+                ("http.credential_file", text)
+            }
+        };
+        let what = match &self.credential_file {
+            Some(path) => format!("the credential in {}", path.display()),
+            None => "the credential".to_string(),
+        };
+        if secret.len() < MIN_CREDENTIAL_BYTES {
+            return Err(invalid(
+                key,
+                format!("{what} must be at least {MIN_CREDENTIAL_BYTES} bytes"),
+            ));
+        }
+        // Sent in an HTTP header, where surrounding whitespace is stripped and control
+        // characters are refused: such a credential could never match.
+        if !secret.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid(
+                key,
+                format!(
+                    "{what} must be printable ASCII without spaces (it is sent in an HTTP header)"
+                ),
+            ));
+        }
+        Ok(Some(secret))
+    }
+
+    /// Whether a credential is configured (`credential` or `credential_file`).
+    pub fn has_credential(&self) -> bool {
+        self.credential.is_some() || self.credential_file.is_some()
+    }
+
+    /// Checks the credential keys, and that a listener reachable from elsewhere has one.
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.credential()?;
+        if !self.has_credential() && !listen_is_local(&self.listen) {
+            return Err(ConfigError::Invalid {
+                key: "http.listen".into(),
+                problem: format!(
+                    "{} is not a loopback address: set http.credential or http.credential_file (clients send it in {CREDENTIAL_HEADER})",
+                    self.listen
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// `[http]` of the environment alone (`REVSYNC_HTTP__*`), every other key at its
+    /// default: how the CLI finds the credential when it is given no config file.
+    pub fn from_env<I>(env: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let prefix = format!("{ENV_PREFIX}HTTP__");
+        let mut doc = toml::Table::new();
+        apply_env(
+            &mut doc,
+            env.into_iter().filter(|(k, _)| k.starts_with(&prefix)),
+        )?;
+        let http = doc
+            .remove("http")
+            .map(|t| t.try_into::<HttpConfig>())
+            .transpose()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?
+            .unwrap_or_default();
+        http.credential()?;
+        Ok(http)
+    }
+}
+
+/// Whether `listen` (`host:port` or `unix:/path`) is reachable only from this host: a
+/// Unix socket (file permissions guard it), a loopback address, or `localhost`. Any other
+/// host name, and the unspecified addresses, count as reachable from elsewhere.
+pub fn listen_is_local(listen: &str) -> bool {
+    use std::net::{IpAddr, SocketAddr};
+    if listen.starts_with("unix:") {
+        return true;
+    }
+    let loopback = |ip: IpAddr| ip.to_canonical().is_loopback();
+    if let Ok(addr) = listen.parse::<SocketAddr>() {
+        return loopback(addr.ip());
+    }
+    let host = listen.rsplit_once(':').map_or(listen, |(host, _)| host);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    match host.parse::<IpAddr>() {
+        Ok(ip) => loopback(ip),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -419,6 +574,8 @@ impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: default_listen(),
+            credential: None,
+            credential_file: None,
             max_body_bytes: default_max_body(),
             shutdown_grace: default_drain(),
             header_read_timeout: default_header_timeout(),
@@ -536,6 +693,7 @@ impl Config {
                 problem: problem.to_string(),
             })
         };
+        self.http.validate()?;
         if self.kafka.brokers.trim().is_empty() {
             return invalid("kafka.brokers", "must name at least one broker");
         }
@@ -665,6 +823,9 @@ impl Config {
         if let Some(ssf) = copy.ssf.as_mut() {
             ssf.bearer_secret = "<redacted>".into();
         }
+        if let Some(credential) = copy.http.credential.as_mut() {
+            *credential = "<redacted>".into();
+        }
         for (k, v) in copy.kafka.properties.iter_mut() {
             if SECRET_KEY_MARKERS.iter().any(|m| k.contains(m)) {
                 *v = "<redacted>".into();
@@ -690,6 +851,9 @@ pub const ASYMMETRIC_ALGORITHMS: &[&str] = &[
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
 ];
 
+/// Keys whose environment values are always strings, never read as TOML.
+const VERBATIM_ENV_KEYS: &[&str] = &["http.credential", "http.credential_file"];
+
 /// Applies `REVSYNC_<SECTION>__<KEY>` (and deeper `__` paths) to the parsed document.
 /// Values are read as TOML when they parse as a TOML value (`true`, `42`, `["a"]`),
 /// otherwise as a plain string.
@@ -711,7 +875,12 @@ where
                 problem: "empty key in path".into(),
             });
         }
-        let parsed = parse_env_value(&value);
+        // A secret is a string whatever it looks like (all digits, say).
+        let parsed = if VERBATIM_ENV_KEYS.contains(&keys.join(".").as_str()) {
+            toml::Value::String(value)
+        } else {
+            parse_env_value(&value)
+        };
         let mut table = &mut *doc;
         for key in &keys[..keys.len() - 1] {
             let entry = table
@@ -1032,5 +1201,206 @@ audiences = ["https://api.example.com"]
         let back = Config::parse(&out, no_env()).unwrap();
         assert_eq!(back.kafka.properties["sasl.password"], "<redacted>");
         assert_eq!(back.issuers, c.issuers);
+    }
+
+    fn with_http(http: &str) -> String {
+        format!("[http]\n{http}\n{MINIMAL}")
+    }
+
+    const CREDENTIAL: &str = "0123456789abcdef-credential";
+
+    #[test]
+    fn loopback_and_unix_listeners_need_no_credential() {
+        for listen in [
+            "127.0.0.1:8181",
+            "127.1.2.3:8181",
+            "[::1]:8181",
+            "[::ffff:127.0.0.1]:8181",
+            "localhost:8181",
+            "LOCALHOST:8181",
+            "unix:/run/revsync/check.sock",
+        ] {
+            let c = Config::parse(&with_http(&format!("listen = \"{listen}\"")), no_env())
+                .unwrap_or_else(|e| panic!("{listen}: {e}"));
+            assert_eq!(c.http.credential().unwrap(), None, "{listen}");
+        }
+        assert!(Config::parse(MINIMAL, no_env()).is_ok(), "the default");
+    }
+
+    #[test]
+    fn other_tcp_listeners_need_a_credential() {
+        for listen in [
+            "0.0.0.0:8181",
+            "[::]:8181",
+            "10.1.2.3:8181",
+            "192.168.0.5:8181",
+            "[2001:db8::1]:8181",
+            "revsync.internal:8181",
+            "localhost.example.com:8181",
+            ":8181",
+        ] {
+            let err = Config::parse(&with_http(&format!("listen = \"{listen}\"")), no_env())
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                err,
+                format!("config: http.listen: {listen} is not a loopback address: set http.credential or http.credential_file (clients send it in X-Revsync-Credential)"),
+            );
+            let text = with_http(&format!(
+                "listen = \"{listen}\"\ncredential = \"{CREDENTIAL}\""
+            ));
+            let c = Config::parse(&text, no_env()).unwrap_or_else(|e| panic!("{listen}: {e}"));
+            assert_eq!(c.http.credential().unwrap().as_deref(), Some(CREDENTIAL));
+        }
+        // An override after parsing is caught by validate() too (`run --listen`).
+        let mut c = Config::parse(MINIMAL, no_env()).unwrap();
+        c.http.listen = "0.0.0.0:8181".into();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("http.listen"));
+        // And by the environment.
+        let env = vec![("REVSYNC_HTTP__LISTEN".to_string(), "0.0.0.0:1".to_string())];
+        assert!(Config::parse(MINIMAL, env).is_err());
+        let env = vec![
+            ("REVSYNC_HTTP__LISTEN".to_string(), "0.0.0.0:1".to_string()),
+            (
+                "REVSYNC_HTTP__CREDENTIAL".to_string(),
+                CREDENTIAL.to_string(),
+            ),
+        ];
+        let c = Config::parse(MINIMAL, env).unwrap();
+        assert_eq!(c.http.credential.as_deref(), Some(CREDENTIAL));
+    }
+
+    #[test]
+    fn a_credential_from_the_environment_stays_a_string() {
+        // Each of these is a TOML value (an integer, a float, an array) as it stands.
+        for secret in [
+            "1234567890123456",
+            "0x1234567890abcdef",
+            "12345678.90123456",
+            "[1,2,3,4,5,6,7,8]",
+        ] {
+            let env = vec![("REVSYNC_HTTP__CREDENTIAL".to_string(), secret.to_string())];
+            let c = Config::parse(MINIMAL, env).unwrap_or_else(|e| panic!("{secret}: {e}"));
+            assert_eq!(c.http.credential().unwrap().as_deref(), Some(secret));
+        }
+    }
+
+    #[test]
+    fn bad_credentials_are_refused_with_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("credential");
+        std::fs::write(&file, format!("{CREDENTIAL}\n")).unwrap();
+        let file = file.display();
+        for (http, key, problem) in [
+            (
+                "credential = \"short\"",
+                "http.credential",
+                "at least 16 bytes",
+            ),
+            (
+                "credential = \"0123456789 abcdef\"",
+                "http.credential",
+                "printable ASCII without spaces",
+            ),
+            (
+                &format!("credential = \"{CREDENTIAL}\"\ncredential_file = \"{file}\""),
+                "http.credential_file",
+                "not both",
+            ),
+            (
+                "credential_file = \"/nonexistent/revsync-credential\"",
+                "http.credential_file",
+                "cannot read /nonexistent/revsync-credential",
+            ),
+            ("credentials = \"x\"", "credentials", "unknown field"),
+        ] {
+            let err = Config::parse(&with_http(http), no_env())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains(problem), "{http}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_credential_file_loses_one_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("credential");
+        let text = with_http(&format!(
+            "listen = \"0.0.0.0:8181\"\ncredential_file = \"{}\"",
+            path.display()
+        ));
+        for (content, expected) in [
+            (format!("{CREDENTIAL}\n"), Ok(CREDENTIAL.to_string())),
+            (format!("{CREDENTIAL}\r\n"), Ok(CREDENTIAL.to_string())),
+            (CREDENTIAL.to_string(), Ok(CREDENTIAL.to_string())),
+            // Only one: what is left is not a credential a header can carry.
+            (format!("{CREDENTIAL}\n\n"), Err("printable ASCII")),
+            ("short\n".to_string(), Err("at least 16 bytes")),
+        ] {
+            std::fs::write(&path, &content).unwrap();
+            match (Config::parse(&text, no_env()), expected) {
+                (Ok(c), Ok(expected)) => {
+                    assert_eq!(c.http.credential().unwrap(), Some(expected));
+                    assert!(!format!("{c:?}").contains(CREDENTIAL));
+                }
+                (Err(e), Err(problem)) => {
+                    let e = e.to_string();
+                    assert!(
+                        e.contains("http.credential_file") && e.contains(problem),
+                        "{e}"
+                    );
+                }
+                (got, expected) => panic!("{content:?}: {got:?}, expected {expected:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_credential_is_redacted_in_debug_and_printed_config() {
+        let text = with_http(&format!("credential = \"{CREDENTIAL}\""));
+        let c = Config::parse(&text, no_env()).unwrap();
+        assert!(!format!("{c:?}").contains(CREDENTIAL));
+        assert!(!format!("{:?}", c.http).contains(CREDENTIAL));
+        assert!(format!("{:?}", c.http).contains("<redacted>"));
+        let shown = c.to_redacted_toml();
+        assert!(!shown.contains(CREDENTIAL), "{shown}");
+        assert!(shown.contains("credential = \"<redacted>\""), "{shown}");
+        // Without one, nothing is printed for it.
+        assert!(!Config::parse(MINIMAL, no_env())
+            .unwrap()
+            .to_redacted_toml()
+            .contains("credential"));
+    }
+
+    #[test]
+    fn the_cli_finds_the_credential_in_the_environment_alone() {
+        let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            HttpConfig::from_env(env(&[]))
+                .unwrap()
+                .credential()
+                .unwrap(),
+            None
+        );
+        let http = HttpConfig::from_env(env(&[
+            ("REVSYNC_HTTP__CREDENTIAL", CREDENTIAL),
+            ("REVSYNC_KAFKA__BROKERS", "ignored:9092"),
+            ("REVSYNC_STORE__NOPE", "ignored"),
+        ]))
+        .unwrap();
+        assert_eq!(http.credential().unwrap().as_deref(), Some(CREDENTIAL));
+        let err = HttpConfig::from_env(env(&[("REVSYNC_HTTP__CREDENTIAL", "short")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("http.credential"), "{err}");
     }
 }

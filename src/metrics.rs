@@ -121,6 +121,9 @@ pub struct Metrics {
     pub jwks_fetches: Family<IssuerLabels, Counter>,
     pub jwks_failures: Family<IssuerLabels, Counter>,
     pub introspections: Family<CheckLabels, Counter>,
+    /// Requests refused for a missing or wrong `http.credential` (a plain counter: it is
+    /// exposed at 0 from the start).
+    pub http_unauthorized: Counter,
 }
 
 impl Default for Metrics {
@@ -152,6 +155,7 @@ impl Metrics {
             jwks_fetches: Family::default(),
             jwks_failures: Family::default(),
             introspections: Family::default(),
+            http_unauthorized: Counter::default(),
             check_children: CheckChildren::default(),
             registry: Registry::default(),
         };
@@ -249,6 +253,11 @@ impl Metrics {
             "introspections",
             "RFC 7662 introspection calls made under the stale policy",
             m.introspections.clone(),
+        );
+        registry.register(
+            "http_unauthorized",
+            "Check API requests refused for a missing or wrong credential (http.credential)",
+            m.http_unauthorized.clone(),
         );
         Self { registry, ..m }
     }

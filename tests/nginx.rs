@@ -1,7 +1,8 @@
 //! `deploy/nginx/revsync.conf` works as documented, with a real nginx (Debian's, as
 //! `.ci/run` installs it) in front of a tiny upstream that echoes what it received, the
 //! real `revsync` binary, a real JWKS server and a real Tansu broker. The config is the
-//! deploy file itself, with only its three ports replaced.
+//! deploy file itself, with only its three ports replaced and its X-Revsync-Credential
+//! line uncommented: revsync runs with `http.credential`.
 
 mod common;
 
@@ -23,6 +24,8 @@ use serde_json::{json, Value};
 const AUD: &str = "https://api.example.com";
 const TOPIC: &str = "revocations";
 const DEPLOY_CONF: &str = include_str!("../deploy/nginx/revsync.conf");
+/// `http.credential` of the daemon, put in the deploy file's commented line.
+const CREDENTIAL: &str = "nginx-test-credential-0123";
 
 fn nginx_bin() -> PathBuf {
     std::env::var_os("REVSYNC_NGINX")
@@ -38,8 +41,9 @@ struct Nginx {
 
 impl Nginx {
     /// `deploy/nginx/revsync.conf` with revsync at `revsync_port`, the upstream API at
-    /// `upstream_port`, listening on 127.0.0.1:`port`; wrapped in the `events`/`http`
-    /// blocks of a main config whose logs and temp paths all live in `dir`.
+    /// `upstream_port`, listening on 127.0.0.1:`port`, sending [`CREDENTIAL`]; wrapped in
+    /// the `events`/`http` blocks of a main config whose logs and temp paths all live in
+    /// `dir`.
     fn start(dir: &Path, port: u16, revsync_port: u16, upstream_port: u16) -> Self {
         let mut site = DEPLOY_CONF.to_string();
         for (from, to) in [
@@ -51,6 +55,10 @@ impl Nginx {
             (
                 "proxy_pass http://127.0.0.1:9000;",
                 format!("proxy_pass http://127.0.0.1:{upstream_port};"),
+            ),
+            (
+                "# proxy_set_header X-Revsync-Credential \"REPLACE-WITH-http.credential\";",
+                format!("proxy_set_header X-Revsync-Credential \"{CREDENTIAL}\";"),
             ),
         ] {
             assert_eq!(
@@ -169,6 +177,7 @@ impl Upstream {
                 "x-auth-client-id": h("x-auth-client-id"),
                 "x-auth-scope": h("x-auth-scope"),
                 "x-auth-issuer": h("x-auth-issuer"),
+                "x-revsync-credential": h("x-revsync-credential"),
             }))
         }
         let app = Router::new().fallback(any(echo)).with_state(hits.clone());
@@ -242,9 +251,11 @@ async fn nginx_auth_request_with_the_deploy_config() {
     let upstream = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let revsync_port = free_port();
-    let config = DaemonConfig::new(revsync_port, dir.path(), &broker, TOPIC)
-        .trusting(&jwks, AUD)
-        .write(&dir.path().join("revsync.toml"));
+    let config = DaemonConfig {
+        http_extra: format!("credential = \"{CREDENTIAL}\""),
+        ..DaemonConfig::new(revsync_port, dir.path(), &broker, TOPIC).trusting(&jwks, AUD)
+    }
+    .write(&dir.path().join("revsync.toml"));
     let mut daemon = Daemon::spawn(&config, revsync_port);
     let nginx_dir = dir.path().join("nginx");
     std::fs::create_dir(&nginx_dir).unwrap();
@@ -291,8 +302,28 @@ async fn nginx_auth_request_with_the_deploy_config() {
             "x-auth-client-id": "app-1",
             "x-auth-scope": "read write",
             "x-auth-issuer": iss,
+            "x-revsync-credential": null,
         })
     );
+    // revsync refuses a request without the credential: nginx is what sends it.
+    let direct = http
+        .get(daemon.url("/v1/authz"))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(direct.status(), 401);
+    // A client's own X-Revsync-Credential is replaced on the way to revsync (the request
+    // still passes) and reaches the upstream as the client sent it, never as the secret.
+    let a = request_as(
+        &http,
+        &url,
+        &alice,
+        &[("x-revsync-credential", "client-guess")],
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body["x-revsync-credential"], json!("client-guess"));
     // Identity headers the client sends itself are replaced, or dropped when the token
     // has no such claim: the upstream can trust them.
     let spoofed = [
@@ -314,7 +345,7 @@ async fn nginx_auth_request_with_the_deploy_config() {
     assert_eq!(a.body["x-auth-client-id"], Value::Null);
     assert_eq!(a.body["x-auth-scope"], Value::Null);
     let allowed = upstream.hits();
-    assert_eq!(allowed, 3);
+    assert_eq!(allowed, 4);
 
     // No token: 401 with revsync's challenge, upstream untouched.
     let a = request(&http, &url, &[]).await;

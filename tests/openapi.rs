@@ -19,6 +19,8 @@ use revsync::config::OnStale;
 use serde_json::{json, Value};
 
 const SPEC: &str = include_str!("../schemas/openapi.json");
+/// `http.credential` of the harness that has one.
+const CREDENTIAL: &str = "openapi-test-credential";
 const API_SOURCE: &str = include_str!("../src/api.rs");
 /// Methods an OpenAPI path item can describe.
 const METHODS: [&str; 8] = [
@@ -142,7 +144,17 @@ impl Spec {
 
         // Body: the declared media type, and its schema.
         let mut reason = None;
-        match declared.get("content").and_then(Value::as_object) {
+        // `x-body-optional`: the declared body is one of two answers under this status,
+        // the other being empty (`/v1/authz` 401: a denied token, or no credential).
+        let content = declared
+            .get("content")
+            .and_then(Value::as_object)
+            .filter(|_| {
+                !(declared["x-body-optional"] == json!(true)
+                    && r.body.is_empty()
+                    && r.header("content-type").is_none())
+            });
+        match content {
             None => assert!(
                 r.body.is_empty(),
                 "{what}: the spec declares no body, got {:?}",
@@ -669,6 +681,88 @@ async fn every_answer_matches_the_spec() {
     );
     down.get(&mut spec, "/v1/status").await;
 
+    // --- a credential configured (`http.credential`): 401 on every route but the probes
+    let guarded = Harness::new(Opts::default())
+        .await
+        .with_credential(CREDENTIAL);
+    let token = guarded.token(json!({"sub": "carol"}));
+    for headers in [vec![], vec![("x-revsync-credential", "wrong")]] {
+        let r = guarded
+            .check_raw(&mut spec, &headers, json!({ "token": token }).to_string())
+            .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+        let r = guarded
+            .introspect(&mut spec, &format!("token={token}"))
+            .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(r.json()["error"], json!("invalid_client"));
+        for m in [Method::GET, Method::POST] {
+            let r = guarded.authz(&mut spec, m, Some(&token)).await;
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+            assert_eq!(r.json()["error"], json!("unauthorized"));
+        }
+        for path in ["/metrics", "/v1/status"] {
+            let r = guarded.get(&mut spec, path).await;
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{path}");
+        }
+        assert_eq!(
+            guarded.get(&mut spec, "/healthz").await.status,
+            StatusCode::OK
+        );
+        assert_eq!(
+            guarded.get(&mut spec, "/readyz").await.status,
+            StatusCode::OK
+        );
+    }
+    // With it, the normal answers.
+    let cred = ("x-revsync-credential", CREDENTIAL);
+    let r = guarded
+        .check_raw(&mut spec, &[cred], json!({ "token": token }).to_string())
+        .await;
+    assert_eq!(r.json()["active"], json!(true));
+    let bearer = format!("Bearer {CREDENTIAL}");
+    for (path, auth) in [
+        ("/metrics", ("authorization", bearer.as_str())),
+        ("/metrics", cred),
+        ("/v1/status", cred),
+    ] {
+        let r = guarded
+            .request(Method::GET, path, &[auth], Body::empty())
+            .await;
+        spec.check(path, &Method::GET, None, &r);
+        assert_eq!(r.status, StatusCode::OK, "{path}");
+    }
+    let form = serde_urlencoded::to_string([("token", token.as_str())]).unwrap();
+    let r = guarded
+        .request(
+            Method::POST,
+            "/introspect",
+            &[
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("authorization", &bearer),
+            ],
+            form.clone(),
+        )
+        .await;
+    spec.check(
+        "/introspect",
+        &Method::POST,
+        Some(&json!({ "token": token })),
+        &r,
+    );
+    assert_eq!(r.json()["active"], json!(true));
+    let auth = format!("Bearer {token}");
+    let r = guarded
+        .request(
+            Method::GET,
+            "/v1/authz",
+            &[cred, ("authorization", &auth)],
+            Body::empty(),
+        )
+        .await;
+    spec.check("/v1/authz", &Method::GET, None, &r);
+    assert_eq!(r.status, StatusCode::OK);
+
     // Every reason word of the spec was produced, and every declared status.
     let words: BTreeSet<String> = spec.doc["components"]["schemas"]["ReasonWord"]["enum"]
         .as_array()
@@ -692,6 +786,48 @@ async fn every_answer_matches_the_spec() {
                         .contains(&(path.clone(), m.to_string(), status.clone())),
                     "no request produced {status} for {m} {path}"
                 );
+            }
+        }
+    }
+}
+
+/// The spec declares the credential exactly where the router asks for it: every
+/// operation but the probes' lists `credential` among its security alternatives (besides
+/// `{}`: none configured) and a 401; and a router with a credential refuses exactly those
+/// without it.
+#[tokio::test]
+async fn the_credential_is_declared_where_it_is_required() {
+    let spec = Spec::load();
+    let scheme = &spec.doc["components"]["securitySchemes"]["credential"];
+    assert_eq!(scheme["type"], json!("apiKey"));
+    assert_eq!(scheme["in"], json!("header"));
+    assert_eq!(scheme["name"], json!("X-Revsync-Credential"));
+    let h = Harness::new(Opts::default())
+        .await
+        .with_credential(CREDENTIAL);
+    for path in spec.paths() {
+        let item = spec.path_item(&path);
+        let open = path == "/healthz" || path == "/readyz";
+        for m in METHODS {
+            let Some(op) = item.get(m) else { continue };
+            let what = format!("{m} {path}");
+            let security = op["security"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{what}: no security declared"));
+            assert!(
+                security.contains(&json!({})),
+                "{what}: {{}} (no credential configured)"
+            );
+            let mentions = security.iter().any(|s| s.get("credential").is_some());
+            assert_eq!(mentions, !open, "{what}: credential among {security:?}");
+            assert_eq!(op["responses"].get("401").is_some(), !open, "{what}: 401");
+            let method = Method::from_bytes(m.to_ascii_uppercase().as_bytes()).unwrap();
+            let uri = path.replace("{rest}", "a/b");
+            let r = h.request(method, &uri, &[], Body::empty()).await;
+            if open {
+                assert_ne!(r.status, StatusCode::UNAUTHORIZED, "{what}");
+            } else {
+                assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{what}");
             }
         }
     }

@@ -155,6 +155,33 @@ impl Daemon {
         }
     }
 
+    /// As [`Daemon::spawn`], with `env` added to the child's environment and its stderr
+    /// written to the file `stderr` (for tests that read its log).
+    pub fn spawn_with(config: &Path, port: u16, env: &[(&str, &str)], stderr: &Path) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_revsync"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(stderr).expect("create the stderr file"))
+            .spawn()
+            .expect("spawn revsync");
+        assert!(
+            wait_for_port(port, Duration::from_secs(20)),
+            "revsync did not listen:\n{}",
+            std::fs::read_to_string(stderr).unwrap_or_default()
+        );
+        Daemon {
+            child: Some(child),
+            port,
+            config: config.to_path_buf(),
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.port, path)
     }

@@ -239,3 +239,15 @@ impl Resp {
         }
     }
 }
+
+impl Harness {
+    /// The same router behind `http.credential = secret`, as `revsync run` serves it.
+    pub fn with_credential(mut self, secret: &str) -> Self {
+        self.app = revsync::api::require_credential(
+            self.app.clone(),
+            revsync::api::Credential::new(secret),
+            self.metrics.clone(),
+        );
+        self
+    }
+}
