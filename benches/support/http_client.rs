@@ -283,6 +283,39 @@ pub fn run_load<F>(
 where
     F: Fn(&mut Client, usize, u64) -> Step + Sync,
 {
+    run_paced_load(
+        addr,
+        concurrency,
+        None,
+        warmup,
+        measure,
+        thread_prefix,
+        server_cpu_ns,
+        step,
+    )
+}
+
+/// [`run_load`] at a fixed rate: with `Some(rate)` (requests per second, all threads
+/// together) each thread starts its requests on a schedule instead of back to back, and a
+/// request's latency counts from its scheduled start, so a server that falls behind is
+/// charged for the queueing it causes (no coordinated omission).
+#[allow(clippy::too_many_arguments)]
+pub fn run_paced_load<F>(
+    addr: SocketAddr,
+    concurrency: usize,
+    rate: Option<f64>,
+    warmup: Duration,
+    measure: Duration,
+    thread_prefix: &str,
+    server_cpu_ns: Option<&(dyn Fn() -> u64 + Sync)>,
+    step: &F,
+) -> Load
+where
+    F: Fn(&mut Client, usize, u64) -> Step + Sync,
+{
+    // Per thread: the interval between its requests, and its offset, spreading the
+    // threads' schedules evenly over one interval.
+    let interval = rate.map(|r| Duration::from_secs_f64(concurrency as f64 / r.max(1e-9)));
     struct Out {
         latencies_ns: Vec<u64>,
         ok: usize,
@@ -312,7 +345,17 @@ where
                         let mut client = None;
                         let mut n = 0u64;
                         loop {
-                            let t0 = Instant::now();
+                            let t0 = match interval {
+                                None => Instant::now(),
+                                Some(every) => {
+                                    let due = start
+                                        + every.mul_f64(n as f64 + i as f64 / concurrency as f64);
+                                    std::thread::sleep(
+                                        due.saturating_duration_since(Instant::now()),
+                                    );
+                                    due
+                                }
+                            };
                             if t0 >= deadline || stop.load(Ordering::Relaxed) {
                                 break;
                             }
