@@ -626,12 +626,14 @@ async fn check(State(s): State<AppState>, headers: Authorization, body: Bytes) -
         struct CheckRequest {
             token: Option<String>,
         }
+        // serde reads a struct from a JSON array too (`["…"]`); the contract is an object.
+        let object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
         match serde_json::from_slice::<CheckRequest>(&body) {
-            Ok(req) => {
+            Ok(req) if object => {
                 from_body = req.token;
                 from_body.as_deref().or_else(|| bearer(&headers))
             }
-            Err(_) => return invalid_request("body must be JSON {\"token\": \"...\"}"),
+            _ => return invalid_request("body must be JSON {\"token\": \"...\"}"),
         }
     };
     let decision = s.checker.decide(token).await;

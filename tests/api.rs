@@ -387,6 +387,10 @@ async fn check_rejects_bad_bodies_with_4xx() {
         r#""a string""#.to_string(),
         "42".to_string(),
         format!("{{\"token\": \"{token}\""),
+        // serde would read the struct from an array; the contract is an object.
+        format!("[\"{token}\"]"),
+        format!(" \n[\"{token}\"]"),
+        format!("{{\"token\": \"{token}\", \"token\": \"x\"}}"),
     ] {
         let r = h.check_body(body.clone()).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body:.30}");
