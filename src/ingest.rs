@@ -653,10 +653,12 @@ impl Reader {
                     .unwrap_or(-1),
             );
             info!(topic, partition, ?offset, "assigned partition");
-            let _ = self.metrics.offset_resets.get_or_create(&PartitionLabels {
+            let labels = PartitionLabels {
                 topic: topic.clone(),
                 partition: *partition,
-            });
+            };
+            let _ = self.metrics.offset_resets.get_or_create(&labels);
+            let _ = self.metrics.log_resets.get_or_create(&labels);
         }
         if tpl.count() == 0 {
             return;
