@@ -193,6 +193,27 @@ impl Broker {
         }
         self.launch();
     }
+
+    /// [`Broker::restart_empty`] for SQLite storage, with `topic` created before the
+    /// broker listens on its port again (on another port first), as a provisioning
+    /// system would: clients never see the topic missing. librdkafka 2.12.1 can crash
+    /// (SIGSEGV in `rd_kafka_metadata_update_op`) when a topic vanishes under an
+    /// assigned consumer on Tansu, whose fetch answers then carry leader tags for a topic
+    /// without id or name.
+    pub fn restart_empty_with_topic(&mut self, topic: &str, partitions: i32) {
+        assert!(
+            self.sqlite.is_some(),
+            "only SQLite storage outlives the broker"
+        );
+        self.stop();
+        let port = self.port;
+        self.port = free_port();
+        self.restart_empty();
+        self.create_topic(topic, partitions);
+        self.stop();
+        self.port = port;
+        self.launch();
+    }
 }
 
 impl Drop for Broker {
