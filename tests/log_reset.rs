@@ -4,10 +4,11 @@
 //! OFFSET_OUT_OF_RANGE, so revsync must notice on its own from the watermarks, count it,
 //! refuse to vouch while it re-reads, and deny the new revocations.
 //!
-//! Only the SQLite test keeps the daemon running through the reset, with the topic
-//! created again before the broker is reachable: a consumer whose topic vanishes under
-//! it on Tansu can crash librdkafka 2.12.1 (see `Broker::restart_empty_with_topic`), so
-//! the other cases stop revsync meanwhile, as a crash and restart would.
+//! Only the SQLite test keeps the daemon running through the reset, with the broker
+//! brought back from a snapshot of its empty log (same topic, same topic id): a consumer
+//! whose topic id vanishes under it on Tansu can crash librdkafka 2.12.1 (see
+//! `Broker::restart_from_snapshot`), so the cases with a topic created again stop
+//! revsync meanwhile, as a crash and restart would.
 
 mod common;
 
@@ -208,6 +209,8 @@ async fn sqlite_log_lost_under_a_running_daemon() {
     let log = tempfile::tempdir().unwrap();
     let mut broker = Broker::start(Storage::Sqlite(log.path().join("log.db")));
     broker.create_topic(TOPIC, 2);
+    let empty = log.path().join("empty.db");
+    broker.snapshot(&empty);
     let dir = tempfile::tempdir().unwrap();
     let (s, config, _jwks) = setup(&broker, dir.path()).await;
     let mut daemon = Daemon::spawn(&config, s.port);
@@ -228,10 +231,11 @@ async fn sqlite_log_lost_under_a_running_daemon() {
         "the counter is born at zero"
     );
 
-    // The broker comes back on the same port with its data file gone (the topic created
-    // again by provisioning): the new revocations get offsets revsync has passed.
+    // The broker comes back on the same port with its log as it was before any record
+    // (say, its storage restored from an old backup): the new revocations get offsets
+    // revsync has passed.
     let readiness = ReadinessLog::start(s.url("/readyz"));
-    broker.restart_empty_with_topic(TOPIC, 2);
+    broker.restart_from_snapshot(&empty);
     const M: usize = 5;
     publish(&broker, "after", M);
     for i in 0..M {
@@ -283,7 +287,7 @@ async fn sqlite_log_lost_under_a_running_daemon() {
 /// Memory storage: its high watermark lags the log end after multi-record batches, so a
 /// high watermark below the position proves nothing by itself; and the broker comes back
 /// without the topic (a consumer assigned to a vanished topic may crash librdkafka on
-/// Tansu, see `Broker::restart_empty_with_topic`), so the daemon is down meanwhile.
+/// Tansu, see `Broker::restart_from_snapshot`), so the daemon is down meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_log_lost_while_the_daemon_was_down() {
     let mut broker = Broker::memory();
@@ -369,7 +373,7 @@ fn topic_recreated_with_fewer_partitions_while_stopped() {
         "{stored:?}"
     );
     // Stopped meanwhile: a consumer assigned to a vanished topic may crash librdkafka
-    // on Tansu (see `Broker::restart_empty_with_topic`).
+    // on Tansu (see `Broker::restart_from_snapshot`).
     ingest.stop();
     broker.delete_topic(TOPIC);
     broker.create_topic(TOPIC, 1);

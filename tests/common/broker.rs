@@ -180,38 +180,61 @@ impl Broker {
     /// be created again.
     pub fn restart_empty(&mut self) {
         self.stop();
-        if let Some(db) = &self.sqlite {
-            for suffix in ["", "-wal", "-shm", "-journal"] {
-                let mut f = db.clone().into_os_string();
-                f.push(suffix);
-                match std::fs::remove_file(&f) {
+        if self.sqlite.is_some() {
+            for (file, _) in self.sqlite_files() {
+                match std::fs::remove_file(&file) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => panic!("cannot delete {}: {e}", Path::new(&f).display()),
+                    Err(e) => panic!("cannot delete {}: {e}", file.display()),
                 }
             }
         }
         self.launch();
     }
 
-    /// [`Broker::restart_empty`] for SQLite storage, with `topic` created before the
-    /// broker listens on its port again (on another port first), as a provisioning
-    /// system would: clients never see the topic missing. librdkafka 2.12.1 can crash
-    /// (SIGSEGV in `rd_kafka_metadata_update_op`) when a topic vanishes under an
-    /// assigned consumer on Tansu, whose fetch answers then carry leader tags for a topic
-    /// without id or name.
-    pub fn restart_empty_with_topic(&mut self, topic: &str, partitions: i32) {
-        assert!(
-            self.sqlite.is_some(),
-            "only SQLite storage outlives the broker"
-        );
+    /// The SQLite files of this broker (database, WAL, …), each with its suffix.
+    fn sqlite_files(&self) -> Vec<(PathBuf, &'static str)> {
+        let db = self.sqlite.as_ref().expect("SQLite storage");
+        ["", "-wal", "-shm", "-journal"]
+            .into_iter()
+            .map(|suffix| {
+                let mut f = db.clone().into_os_string();
+                f.push(suffix);
+                (PathBuf::from(f), suffix)
+            })
+            .collect()
+    }
+
+    /// Copies the log as it is now (SQLite only) to files named after `to`, with the
+    /// broker stopped meanwhile; [`Broker::restart_from_snapshot`] brings it back.
+    pub fn snapshot(&mut self, to: &Path) {
         self.stop();
-        let port = self.port;
-        self.port = free_port();
-        self.restart_empty();
-        self.create_topic(topic, partitions);
+        for (file, suffix) in self.sqlite_files() {
+            let mut copy = to.to_path_buf().into_os_string();
+            copy.push(suffix);
+            if file.exists() {
+                std::fs::copy(&file, &copy).expect("copy SQLite file");
+            }
+        }
+        self.launch();
+    }
+
+    /// Starts it again on the same port from a [`Broker::snapshot`]: the topics (and
+    /// their ids) of then, and only the records of then. Unlike a topic created again,
+    /// clients never see a topic id the broker does not know: Tansu answers a fetch for
+    /// one with a zero topic id and a current-leader tag, on which librdkafka 2.12.1
+    /// looks the topic up by a name it does not have and crashes (SIGSEGV in
+    /// `rd_kafka_metadata_update_op`).
+    pub fn restart_from_snapshot(&mut self, from: &Path) {
         self.stop();
-        self.port = port;
+        for (file, suffix) in self.sqlite_files() {
+            let mut copy = from.to_path_buf().into_os_string();
+            copy.push(suffix);
+            let _ = std::fs::remove_file(&file);
+            if Path::new(&copy).exists() {
+                std::fs::copy(&copy, &file).expect("restore SQLite file");
+            }
+        }
         self.launch();
     }
 }
