@@ -549,6 +549,25 @@ impl Denylist {
         Ok(None)
     }
 
+    /// Sets one stored position as is, with no data: the one way to move a position
+    /// without applying what lies before it, for a log that was reset or truncated under
+    /// it (see `ingest`). Serialized with [`Self::apply`] and [`Self::gc`], so it never
+    /// lands inside a batch; returns the position it replaced.
+    pub fn reset_position(&self, position: &Position) -> Result<Option<i64>, StoreError> {
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.tree.insert(
+            position_key(&position.topic, position.partition),
+            &position.next_offset.to_be_bytes()[..],
+        )?;
+        old.map(|v| {
+            (&v[..])
+                .try_into()
+                .map(i64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt('P'))
+        })
+        .transpose()
+    }
+
     /// Stored positions: the next offset of each (topic, partition).
     pub fn positions(&self) -> Result<Vec<Position>, StoreError> {
         let mut out = Vec::new();
@@ -877,6 +896,27 @@ mod tests {
     }
 
     #[test]
+    fn a_reset_position_moves_back_and_apply_carries_on_from_it() {
+        let d = store();
+        let p = |o| Position {
+            topic: "t".into(),
+            partition: 1,
+            next_offset: o,
+        };
+        let other = Position {
+            topic: "t".into(),
+            partition: 0,
+            next_offset: 7,
+        };
+        assert_eq!(d.reset_position(&p(5)).unwrap(), None);
+        d.apply(&[], &[p(40), other.clone()], 0).unwrap();
+        assert_eq!(d.reset_position(&p(0)).unwrap(), Some(40));
+        assert_eq!(d.positions().unwrap(), vec![other.clone(), p(0)]);
+        d.apply(&[], &[p(3)], 0).unwrap();
+        assert_eq!(d.positions().unwrap(), vec![other, p(3)]);
+    }
+
+    #[test]
     fn gc_drops_exactly_the_entries_that_no_longer_matter() {
         let d = store();
         d.apply(
@@ -1163,6 +1203,42 @@ mod tests {
     }
 
     proptest! {
+        /// Applies and resets of positions, in any mix: each
+        /// position ends at the last value written to it, and resets touch no entry.
+        #[test]
+        fn positions_end_at_the_last_write_and_resets_touch_no_entry(
+            ops in proptest::collection::vec(
+                (any::<bool>(), 0i32..3, 0i64..1000, proptest::option::of(arb_event())),
+                1..40,
+            ),
+        ) {
+            let d = store();
+            let mut want: BTreeMap<i32, i64> = BTreeMap::new();
+            let mut events = Vec::new();
+            for (reset, partition, next_offset, event) in ops {
+                let p = Position { topic: "t".into(), partition, next_offset };
+                if reset {
+                    let old = d.reset_position(&p).unwrap();
+                    prop_assert_eq!(old, want.get(&partition).copied());
+                } else {
+                    let batch: Vec<Event> = event.into_iter().collect();
+                    d.apply(&batch, &[p], 1000).unwrap();
+                    events.extend(batch);
+                }
+                want.insert(partition, next_offset);
+            }
+            let got: BTreeMap<i32, i64> = d
+                .positions()
+                .unwrap()
+                .into_iter()
+                .map(|p| (p.partition, p.next_offset))
+                .collect();
+            prop_assert_eq!(got, want);
+            let only_applies = store();
+            only_applies.apply(&events, &[], 1000).unwrap();
+            prop_assert_eq!(d.entries().unwrap(), only_applies.entries().unwrap());
+        }
+
         /// Invariant 1: any order, any duplicates, any batching → the same denylist.
         #[test]
         fn apply_is_idempotent_and_commutative(

@@ -4,6 +4,11 @@
 //! The age is measured from the start of the last watermark round that found every
 //! partition applied up to its high watermark: every event published before that moment
 //! is in the store. Before the first such round the denylist is stale by definition.
+//!
+//! While a partition is read again after its log was reset or truncated under the
+//! stored position (see `ingest`), the denylist is stale too, however young the last
+//! catch-up: revocations published to the new log may not be applied yet. It is fresh
+//! again once a watermark round begun after the reset was found is reached.
 
 use std::sync::Arc;
 
@@ -84,10 +89,15 @@ impl Freshness {
                     .is_none_or(|t| now_ms.saturating_sub(t) > limit)
             })
         });
+        // A partition read again after a log reset: its new revocations may be missing.
+        let recovering = self.ingest.recovering();
         FreshnessView {
             age_ms,
             max_staleness_ms: max,
-            stale: store_failing || heartbeat_missing || age_ms.is_none_or(|a| a > max),
+            stale: store_failing
+                || heartbeat_missing
+                || recovering
+                || age_ms.is_none_or(|a| a > max),
             store_failing,
             heartbeat_missing,
         }
@@ -174,5 +184,22 @@ impl Introspector {
             .ok_or(IntrospectError::BadAnswer)?;
         self.cache.insert(key, active);
         Ok(active)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_read_again_after_a_log_reset_makes_the_denylist_stale() {
+        let ingest = IngestState::new();
+        let f = Freshness::new(FreshnessConfig::default(), ingest.clone());
+        ingest.record_caught_up(1_000);
+        assert!(!f.view_at(2_000).stale);
+        ingest.begin_recovery(&("t".to_string(), 0), 1_500);
+        let view = f.view_at(2_000);
+        assert!(view.stale, "{view:?}");
+        assert_eq!(view.age_ms, Some(1_000), "the age alone would vouch");
     }
 }

@@ -15,6 +15,20 @@
 //! offset and the record retried — while every other partition keeps flowing. A held
 //! partition shows as lag, so catch-up (and with it freshness) waits for it: revsync does
 //! not vouch for a denylist that may be missing a revocation (invariant 5).
+//!
+//! A broker can lose the log under a stored position (memory storage restarted, data
+//! lost, topic deleted and recreated): new revocations then get offsets revsync has
+//! already passed. Real Kafka answers OFFSET_OUT_OF_RANGE and librdkafka restarts at the
+//! earliest offset (the reader notices offsets going back); Tansu answers nothing, so the
+//! watcher also judges every partition from its watermarks ([`Watch`]): a high watermark
+//! below a position that has not moved is confirmed by reading the log's last records
+//! (Tansu's memory engine reports the last batch's base offset + 1, so a lower high
+//! watermark alone proves nothing), an empty log by two rounds in a row. A log that ends
+//! before the position is read again from its start; a log that starts after it lost
+//! revocations revsync never read, which is logged as an error. Either way the reader
+//! moves the partition and its stored position to the log start, counts
+//! `revsync_ingest_log_resets_total`, and freshness does not vouch until a watermark round
+//! begun after the detection is reached.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -70,6 +84,21 @@ pub struct IngestState {
     /// lag is never zero at the moment of a round, yet each round is reached moments
     /// later; confirming them one by one keeps the measured age at the true delay.
     targets: std::sync::Mutex<std::collections::VecDeque<Target>>,
+    /// Partitions found with their log reset or truncated under them, and not yet read
+    /// up to a watermark round begun after that: while any is here the denylist may be
+    /// missing revocations, whatever the age of the last catch-up.
+    recovering: std::sync::Mutex<BTreeMap<(String, i32), Recovery>>,
+    /// `recovering` is not empty (read on every check, so kept apart from the lock).
+    any_recovering: AtomicBool,
+}
+
+/// A partition being read again after a log reset.
+#[derive(Debug, Clone, Copy)]
+struct Recovery {
+    /// Unix ms of the watermark round that found the reset (or of the reader noticing).
+    since_ms: u64,
+    /// The reader moved the partition to the log start (or found it already moved).
+    reseeked: bool,
 }
 
 /// The high watermarks (and log starts) one watcher round saw, and when it began.
@@ -148,12 +177,16 @@ impl IngestState {
         let reached_at = {
             let parts = self.partitions.read().unwrap_or_else(|p| p.into_inner());
             let mut targets = self.targets.lock().unwrap_or_else(|p| p.into_inner());
+            let mut recovering = self.recovering.lock().unwrap_or_else(|p| p.into_inner());
             let mut reached = None;
             while let Some(t) = targets.front() {
                 let all = t.marks.iter().all(|(key, high, low)| {
-                    parts
-                        .get(key)
-                        .is_some_and(|p| p.position.unwrap_or(0).max(*low) >= *high)
+                    // Not moved to the log start yet: its position counts the lost log.
+                    let moved = recovering.get(key).is_none_or(|r| r.reseeked);
+                    moved
+                        && parts
+                            .get(key)
+                            .is_some_and(|p| p.position.unwrap_or(0).max(*low) >= *high)
                 });
                 if !all {
                     break;
@@ -161,11 +194,75 @@ impl IngestState {
                 reached = Some(t.at_ms);
                 targets.pop_front();
             }
+            if let Some(at) = reached {
+                recovering.retain(|(topic, partition), r| {
+                    let done = r.reseeked && r.since_ms <= at;
+                    if done {
+                        info!(topic, partition, "read again after a log reset; caught up");
+                    }
+                    !done
+                });
+                self.any_recovering
+                    .store(!recovering.is_empty(), Ordering::Release);
+            }
             reached
         };
         if let Some(at) = reached_at {
             self.record_caught_up(at);
         }
+    }
+
+    /// `true` while a partition is being read again after a log reset: the denylist may
+    /// be missing revocations however recent the last catch-up.
+    pub fn recovering(&self) -> bool {
+        self.any_recovering.load(Ordering::Acquire)
+    }
+
+    /// A log reset was found at `since_ms` (unix ms): no catch-up counts until a
+    /// watermark round begun then is reached. Older rounds are dropped: they may hold
+    /// the lost log's watermarks, and a newer round implies them.
+    pub(crate) fn begin_recovery(&self, key: &(String, i32), since_ms: u64) {
+        let mut targets = self.targets.lock().unwrap_or_else(|p| p.into_inner());
+        targets.retain(|t| t.at_ms >= since_ms);
+        let mut recovering = self.recovering.lock().unwrap_or_else(|p| p.into_inner());
+        recovering.insert(
+            key.clone(),
+            Recovery {
+                since_ms,
+                reseeked: false,
+            },
+        );
+        self.any_recovering.store(true, Ordering::Release);
+    }
+
+    /// The reader has moved a recovering partition to its log start.
+    fn reseeked(&self, key: &(String, i32)) {
+        let mut recovering = self.recovering.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = recovering.get_mut(key) {
+            r.reseeked = true;
+        }
+    }
+
+    /// Partitions a topic no longer has: out of the status, the recovery set and the
+    /// watermark rounds still waiting (which could otherwise never be reached).
+    fn forget_partitions(&self, keys: &[(String, i32)]) {
+        let mut parts = self.partitions.write().unwrap_or_else(|p| p.into_inner());
+        let mut targets = self.targets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut recovering = self.recovering.lock().unwrap_or_else(|p| p.into_inner());
+        for key in keys {
+            parts.remove(key);
+            recovering.remove(key);
+        }
+        self.any_recovering
+            .store(!recovering.is_empty(), Ordering::Release);
+        for t in targets.iter_mut() {
+            t.marks.retain(|(key, _, _)| !keys.contains(key));
+        }
+    }
+
+    fn position(&self, key: &(String, i32)) -> Option<i64> {
+        let parts = self.partitions.read().unwrap_or_else(|p| p.into_inner());
+        parts.get(key).and_then(|p| p.position)
     }
 
     pub fn store_failing(&self) -> bool {
@@ -292,7 +389,7 @@ pub fn spawn_with(
     for ((topic, partition), next) in &stored {
         state.set_position(topic, *partition, *next);
     }
-    let (assign_tx, assign_rx) = mpsc::channel();
+    let (commands_tx, commands_rx) = mpsc::channel();
     let topics: HashMap<String, TopicConfig> = kafka
         .topics
         .iter()
@@ -305,7 +402,7 @@ pub fn spawn_with(
         metrics: metrics.clone(),
         state: state.clone(),
         shutdown: shutdown.clone(),
-        assign_rx,
+        commands: commands_rx,
         stored,
         batch_max: kafka.batch_max,
         expected: HashMap::new(),
@@ -318,8 +415,10 @@ pub fn spawn_with(
         metrics,
         state,
         shutdown,
-        assign_tx,
+        commands: commands_tx,
         known: HashMap::new(),
+        watch: HashMap::new(),
+        probe_quiet: probe_quiet(kafka.fetch_wait_max),
         watermark_interval: kafka.watermark_interval,
         metadata_interval: kafka.metadata_interval,
     };
@@ -336,6 +435,38 @@ pub fn spawn_with(
     Ok(IngestHandle { threads })
 }
 
+/// What the watcher asks of the reader.
+enum Command {
+    /// Partitions to read (seen for the first time, or added to their topic).
+    Assign(Vec<(String, i32)>),
+    /// Partitions their topic no longer has.
+    Unassign(Vec<(String, i32)>),
+    /// A partition whose log no longer holds its stored position.
+    Reset(LogReset),
+}
+
+/// A log found reset or truncated under a stored position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LogReset {
+    topic: String,
+    partition: i32,
+    kind: ResetKind,
+    /// The position the watcher judged; the reader acts only if it is still there.
+    stored: i64,
+    /// Log start and end (watermarks) the watcher saw.
+    low: i64,
+    high: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResetKind {
+    /// The log ends before the position: the broker lost its log or the topic was
+    /// recreated. Everything in it is read again.
+    BehindEnd,
+    /// The log starts after the position: records were deleted before revsync read them.
+    Truncated,
+}
+
 struct Reader {
     consumer: BaseConsumer,
     topics: HashMap<String, TopicConfig>,
@@ -343,7 +474,9 @@ struct Reader {
     metrics: Arc<Metrics>,
     state: Arc<IngestState>,
     shutdown: CancellationToken,
-    assign_rx: mpsc::Receiver<Vec<(String, i32)>>,
+    commands: mpsc::Receiver<Command>,
+    /// Where a partition is assigned from: the stored position read at start, updated
+    /// by resets and when a partition is given up.
     stored: HashMap<(String, i32), i64>,
     batch_max: usize,
     /// Next offset each assigned partition should deliver; a different offset means the
@@ -386,8 +519,12 @@ impl Reader {
     fn run(mut self) {
         let mut topic_labels: Vec<TopicLabels> = Vec::new();
         while !self.shutdown.is_cancelled() {
-            while let Ok(new) = self.assign_rx.try_recv() {
-                self.assign(new);
+            while let Ok(command) = self.commands.try_recv() {
+                match command {
+                    Command::Assign(new) => self.assign(new),
+                    Command::Unassign(gone) => self.unassign(gone),
+                    Command::Reset(reset) => self.reset(reset),
+                }
             }
             self.retry_held();
             if self.expected.is_empty() {
@@ -430,6 +567,7 @@ impl Reader {
                     &self.consumer,
                     &mut self.expected,
                     &self.metrics,
+                    &self.state,
                     topic,
                     partition,
                     offset,
@@ -653,10 +791,12 @@ impl Reader {
                     .unwrap_or(-1),
             );
             info!(topic, partition, ?offset, "assigned partition");
-            let _ = self.metrics.offset_resets.get_or_create(&PartitionLabels {
+            let labels = PartitionLabels {
                 topic: topic.clone(),
                 partition: *partition,
-            });
+            };
+            let _ = self.metrics.offset_resets.get_or_create(&labels);
+            let _ = self.metrics.log_resets.get_or_create(&labels);
         }
         if tpl.count() == 0 {
             return;
@@ -668,11 +808,137 @@ impl Reader {
             }
         }
     }
+
+    /// Stops reading partitions their topic no longer has; if they come back they are
+    /// read from where they were.
+    fn unassign(&mut self, partitions: Vec<(String, i32)>) {
+        let mut tpl = TopicPartitionList::new();
+        for key in partitions {
+            if let Some(position) = self.state.position(&key) {
+                self.stored.insert(key.clone(), position);
+            }
+            let held_off = self.holds.held.get(&key).is_some_and(|h| h.unassigned);
+            self.holds.forget(&key);
+            if self.expected.remove(&key).is_some() && !held_off {
+                tpl.add_partition(&key.0, key.1);
+            }
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = self.consumer.incremental_unassign(&tpl) {
+                error!(error = %e, "cannot unassign partitions");
+            }
+        }
+    }
+
+    /// Reads a partition again from its log start after its log was reset or truncated
+    /// under the stored position, and stores that lower position (never with data: what
+    /// is read again is applied as usual, and applying twice changes nothing).
+    fn reset(&mut self, r: LogReset) {
+        let key = (r.topic.clone(), r.partition);
+        if self.state.position(&key) != Some(r.stored) {
+            // Read on (or restarted by librdkafka) since the watcher looked.
+            debug!(
+                topic = r.topic,
+                partition = r.partition,
+                "partition moved since the log reset was found; nothing to do"
+            );
+            self.state.reseeked(&key);
+            return;
+        }
+        let to = r.low;
+        if self.expected.contains_key(&key) {
+            // The consumer first: a stored position the consumer does not follow would
+            // leave the partition waiting at the lost one.
+            if let Err(e) = self.seek_to(&r.topic, r.partition, to) {
+                error!(topic = r.topic, partition = r.partition, error = %e, "cannot move the partition to its log start; trying again when the watcher next finds the reset");
+                return;
+            }
+            self.expected.insert(key.clone(), to);
+        }
+        self.holds.forget(&key);
+        let position = Position {
+            topic: r.topic.clone(),
+            partition: r.partition,
+            next_offset: to,
+        };
+        loop {
+            match self.denylist.reset_position(&position) {
+                Ok(_) => {
+                    self.state.store_failing.store(false, Ordering::Release);
+                    break;
+                }
+                Err(e) => {
+                    self.state.store_failing.store(true, Ordering::Release);
+                    self.metrics.store_errors.inc();
+                    error!(error = %e, "cannot store the reset position; retrying");
+                    if self.shutdown.is_cancelled() {
+                        return;
+                    }
+                    std::thread::sleep(STORE_RETRY);
+                }
+            }
+        }
+        self.stored.insert(key.clone(), to);
+        self.state.set_position(&r.topic, r.partition, to);
+        let labels = PartitionLabels {
+            topic: r.topic.clone(),
+            partition: r.partition,
+        };
+        self.metrics.position.get_or_create(&labels).set(to);
+        self.metrics.log_resets.get_or_create(&labels).inc();
+        match r.kind {
+            ResetKind::BehindEnd => warn!(
+                topic = r.topic,
+                partition = r.partition,
+                stored = r.stored,
+                log_start = r.low,
+                log_end = r.high,
+                "the log ends before the stored position (broker lost its log, or the topic was recreated): reading it again from its start; not vouching for the denylist until it has"
+            ),
+            ResetKind::Truncated => error!(
+                topic = r.topic,
+                partition = r.partition,
+                stored = r.stored,
+                log_start = r.low,
+                log_end = r.high,
+                "the log starts after the stored position: revocations were deleted before revsync read them and are lost; continuing from the log start (raise the topic's retention above the longest token lifetime)"
+            ),
+        }
+        self.state.reseeked(&key);
+    }
+
+    /// Points an assigned partition's consumer at `offset`.
+    fn seek_to(&mut self, topic: &str, partition: i32, offset: i64) -> Result<(), KafkaError> {
+        let key = (topic.to_string(), partition);
+        if !self.holds.held.get(&key).is_some_and(|h| h.unassigned) {
+            match self
+                .consumer
+                .seek(topic, partition, Offset::Offset(offset), BROKER_TIMEOUT)
+            {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    debug!(topic, partition, error = %e, "seek failed; assigning the partition again instead")
+                }
+            }
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(topic, partition);
+            self.consumer.incremental_unassign(&tpl)?;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+        self.consumer.incremental_assign(&tpl)
+    }
 }
 
 impl Holds {
     fn is_empty(&self) -> bool {
         self.held.is_empty() && self.first_seen.is_empty()
+    }
+
+    /// Drops whatever is held for a partition that is read again from elsewhere.
+    fn forget(&mut self, key: &(String, i32)) {
+        self.held.remove(key);
+        self.first_seen.remove(key);
     }
 
     /// `true` when the partition is held and waiting to be read again from its held
@@ -772,17 +1038,21 @@ impl Holds {
 }
 
 /// Notices when the log moved under a stored position: offsets going back mean the
-/// broker lost its log (the position was past its end); a jump forward past the log's
-/// start means records were deleted before revsync read them.
+/// broker lost its log (the position was past its end; a broker that answers
+/// OFFSET_OUT_OF_RANGE made librdkafka restart at the earliest offset); a jump forward
+/// past the log's start means records were deleted before revsync read them. Either is
+/// a log reset, which freshness waits out like one the watcher finds.
 fn check_continuity(
     consumer: &BaseConsumer,
     expected: &mut HashMap<(String, i32), i64>,
     metrics: &Metrics,
+    state: &IngestState,
     topic: &str,
     partition: i32,
     offset: i64,
 ) {
-    let Some(expected) = expected.get_mut(&(topic.to_string(), partition)) else {
+    let key = (topic.to_string(), partition);
+    let Some(expected) = expected.get_mut(&key) else {
         return;
     };
     let want = *expected;
@@ -794,8 +1064,14 @@ fn check_continuity(
         topic: topic.to_string(),
         partition,
     };
+    let log_reset = || {
+        metrics.log_resets.get_or_create(&labels).inc();
+        state.begin_recovery(&key, unix_now_ms());
+        state.reseeked(&key);
+    };
     if offset < want {
         metrics.offset_resets.get_or_create(&labels).inc();
+        log_reset();
         warn!(
             topic,
             partition,
@@ -810,12 +1086,13 @@ fn check_continuity(
     match consumer.fetch_watermarks(topic, partition, BROKER_TIMEOUT) {
         Ok((low, _)) if low > want => {
             metrics.offset_resets.get_or_create(&labels).inc();
-            warn!(
+            log_reset();
+            error!(
                 topic,
                 partition,
                 stored = want,
                 log_start = low,
-                "log was truncated under the stored position: revocations in between may be lost; raise the topic's retention above the longest token lifetime"
+                "log was truncated under the stored position: revocations in between are lost; raise the topic's retention above the longest token lifetime"
             );
         }
         Ok(_) => {}
@@ -864,15 +1141,187 @@ pub fn decode(
     }
 }
 
+/// Rounds in a row a log must look empty below a position, or start after it, before
+/// it counts as reset: neither can be confirmed by reading, so a broker's odd answer
+/// while it starts up must repeat.
+const SUSPECT_ROUNDS: u32 = 2;
+/// Rounds to leave the reader to act on a reset before judging the partition again.
+const PENDING_ROUNDS: u32 = 5;
+/// Longest a probe of one partition may take.
+const PROBE_MAX: Duration = Duration::from_secs(5);
+
+/// How long a probe waits after the last record it read before taking it for the
+/// log's end: several fetches, since Tansu holds each for `fetch.wait.max.ms`.
+fn probe_quiet(fetch_wait_max: Duration) -> Duration {
+    (fetch_wait_max * 5).max(Duration::from_millis(300))
+}
+
+/// The watcher's judgement of one partition, from the stored position and watermarks of
+/// each round ([`Watch::assess`]).
+#[derive(Debug, Default)]
+struct Watch {
+    /// Position at the previous round.
+    last_position: Option<i64>,
+    /// (position, high watermark) for which a probe found the log reaching the position.
+    verified: Option<(i64, i64)>,
+    /// Rounds in a row the log looked empty below the position, or starting after it.
+    suspect_rounds: u32,
+    /// A reset was sent to the reader for this position, this many rounds ago.
+    pending: Option<(i64, u32)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Nothing wrong: the round may vouch for this partition.
+    Fine,
+    /// Maybe wrong: the round does not vouch; look again next round.
+    Suspect,
+    /// The high watermark is below a position that has not moved: read from `from` to
+    /// learn whether the log still reaches offset `need` (the last one read).
+    Probe { from: i64, need: i64 },
+    /// The log no longer holds the position.
+    Reset(ResetKind),
+}
+
+/// What a probe read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probed {
+    /// A record at or past the offset it needed: the log is intact.
+    Reaches,
+    /// Records, then nothing, all before that offset: the log ends before the position.
+    EndsBefore,
+    /// Nothing conclusive (broker slow or away).
+    Unknown,
+}
+
+impl Watch {
+    /// Judges a round's `low` and `high` watermarks against the stored `position`.
+    ///
+    /// A position that moved since the last round is being read: fine, whatever the
+    /// watermarks say (Tansu's memory engine reports a high watermark behind the true
+    /// end). A log whose position is stuck above its high watermark needs a probe
+    /// (in a reset log nothing can be read at the position, so it never moves); an empty
+    /// log, or one starting after the position, is a reset once seen twice in a row.
+    fn assess(&mut self, position: Option<i64>, low: i64, high: i64) -> Verdict {
+        let Some(pos) = position else {
+            *self = Watch::default();
+            return Verdict::Fine;
+        };
+        let moved = self.last_position.is_some_and(|last| last != pos);
+        self.last_position = Some(pos);
+        if let Some((at, rounds)) = self.pending {
+            if at == pos && rounds < PENDING_ROUNDS {
+                self.pending = Some((at, rounds + 1));
+                return Verdict::Suspect;
+            }
+            self.pending = None;
+        }
+        if moved || (low <= pos && pos <= high) || self.verified == Some((pos, high)) {
+            self.suspect_rounds = 0;
+            return Verdict::Fine;
+        }
+        if low > pos || high <= low {
+            self.suspect_rounds += 1;
+            if self.suspect_rounds < SUSPECT_ROUNDS {
+                return Verdict::Suspect;
+            }
+            let kind = if low > pos {
+                ResetKind::Truncated
+            } else {
+                ResetKind::BehindEnd
+            };
+            return self.reset(pos, kind);
+        }
+        self.suspect_rounds = 0;
+        Verdict::Probe {
+            from: high - 1,
+            need: pos - 1,
+        }
+    }
+
+    /// The verdict after a probe asked for by [`Self::assess`] for `position` and `high`.
+    fn probed(&mut self, position: i64, high: i64, found: Probed) -> Verdict {
+        match found {
+            Probed::Reaches => {
+                self.verified = Some((position, high));
+                Verdict::Fine
+            }
+            Probed::EndsBefore => self.reset(position, ResetKind::BehindEnd),
+            Probed::Unknown => Verdict::Suspect,
+        }
+    }
+
+    fn reset(&mut self, position: i64, kind: ResetKind) -> Verdict {
+        *self = Watch {
+            last_position: Some(position),
+            pending: Some((position, 0)),
+            ..Watch::default()
+        };
+        Verdict::Reset(kind)
+    }
+}
+
+/// Reads a partition from `from` with the watcher's own consumer until a record at
+/// `need` or later shows up (the log reaches it), or records stop coming for `quiet`
+/// (the log ends before it).
+fn probe(
+    consumer: &BaseConsumer,
+    shutdown: &CancellationToken,
+    quiet: Duration,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    need: i64,
+) -> Probed {
+    let mut tpl = TopicPartitionList::new();
+    if let Err(e) = tpl
+        .add_partition_offset(topic, partition, Offset::Offset(from))
+        .and_then(|()| consumer.assign(&tpl))
+    {
+        debug!(topic, partition, error = %e, "cannot probe the partition");
+        return Probed::Unknown;
+    }
+    let started = Instant::now();
+    let mut last_read: Option<Instant> = None;
+    let found = loop {
+        if shutdown.is_cancelled() || started.elapsed() >= PROBE_MAX {
+            break Probed::Unknown;
+        }
+        match consumer.poll(Duration::from_millis(50)) {
+            Some(Ok(m)) if m.topic() == topic && m.partition() == partition => {
+                if m.offset() >= need {
+                    break Probed::Reaches;
+                }
+                last_read = Some(Instant::now());
+            }
+            Some(Err(e)) => debug!(topic, partition, error = %e, "probe read failed"),
+            _ => {}
+        }
+        match last_read {
+            Some(at) if at.elapsed() >= quiet => break Probed::EndsBefore,
+            None if started.elapsed() >= WATCH_TIMEOUT => break Probed::Unknown,
+            _ => {}
+        }
+    };
+    if let Err(e) = consumer.unassign() {
+        debug!(error = %e, "cannot end the probe's assignment");
+    }
+    debug!(topic, partition, from, need, ?found, elapsed = ?started.elapsed(), "probed the log end");
+    found
+}
+
 struct Watcher {
     consumer: BaseConsumer,
     topics: Vec<String>,
     metrics: Arc<Metrics>,
     state: Arc<IngestState>,
     shutdown: CancellationToken,
-    assign_tx: mpsc::Sender<Vec<(String, i32)>>,
+    commands: mpsc::Sender<Command>,
     /// Partitions known per topic.
     known: HashMap<String, i32>,
+    /// Each partition's judgement from round to round.
+    watch: HashMap<(String, i32), Watch>,
+    probe_quiet: Duration,
     watermark_interval: Duration,
     metadata_interval: Duration,
 }
@@ -905,7 +1354,7 @@ impl Watcher {
     }
 
     fn refresh_metadata(&mut self) {
-        for topic in &self.topics {
+        for topic in &self.topics.clone() {
             let md = match self.consumer.fetch_metadata(Some(topic), WATCH_TIMEOUT) {
                 Ok(md) => md,
                 Err(e) => {
@@ -922,6 +1371,10 @@ impl Watcher {
             }
             let count = t.partitions().len() as i32;
             let before = self.known.get(topic).copied().unwrap_or(0);
+            self.forget_partitions_beyond(topic, count);
+            if count < before {
+                self.known.insert(topic.clone(), count);
+            }
             if count > before {
                 let new: Vec<(String, i32)> = t
                     .partitions()
@@ -944,12 +1397,43 @@ impl Watcher {
                     }
                 }
                 self.known.insert(topic.clone(), count);
-                let _ = self.assign_tx.send(new);
+                let _ = self.commands.send(Command::Assign(new));
             }
         }
     }
 
-    fn refresh_watermarks(&self) {
+    /// Stops watching and reading partitions of `topic` from `count` on (a topic deleted
+    /// and created again with fewer, or stored positions of a topic that has shrunk):
+    /// they would never report watermarks, and freshness would wait for them forever.
+    fn forget_partitions_beyond(&mut self, topic: &str, count: i32) {
+        let gone: Vec<(String, i32)> = {
+            let map = self
+                .state
+                .partitions
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
+            map.keys()
+                .filter(|(t, p)| t == topic && *p >= count)
+                .cloned()
+                .collect()
+        };
+        if gone.is_empty() {
+            return;
+        }
+        warn!(
+            topic,
+            partitions = count,
+            gone = gone.len(),
+            "the topic has fewer partitions than revsync read (deleted and created again?): no longer reading the others; their stored positions are kept"
+        );
+        self.state.forget_partitions(&gone);
+        for key in &gone {
+            self.watch.remove(key);
+        }
+        let _ = self.commands.send(Command::Unassign(gone));
+    }
+
+    fn refresh_watermarks(&mut self) {
         let started_ms = unix_now_ms();
         let keys: Vec<(String, i32)> = {
             let map = self
@@ -976,24 +1460,57 @@ impl Watcher {
                 .write()
                 .unwrap_or_else(|p| p.into_inner());
             let entry = map.entry((topic.clone(), partition)).or_default();
-            match fetched {
-                Ok((low, high)) => {
-                    entry.low_watermark = Some(low);
-                    entry.high_watermark = Some(high);
-                    entry.lag = lag_of(entry);
-                    self.metrics
-                        .lag
-                        .get_or_create(&PartitionLabels {
-                            topic: topic.clone(),
-                            partition,
-                        })
-                        .set(entry.lag.unwrap_or(0));
-                    marks.push(((topic, partition), high, low));
-                }
+            let (low, high) = match fetched {
+                Ok(marks) => marks,
                 Err(e) => {
                     debug!(topic, partition, error = %e, "cannot fetch watermarks");
                     complete = false;
+                    continue;
                 }
+            };
+            entry.low_watermark = Some(low);
+            entry.high_watermark = Some(high);
+            entry.lag = lag_of(entry);
+            self.metrics
+                .lag
+                .get_or_create(&PartitionLabels {
+                    topic: topic.clone(),
+                    partition,
+                })
+                .set(entry.lag.unwrap_or(0));
+            let position = entry.position;
+            // A probe takes a while: the reader must not wait for the map meanwhile.
+            drop(map);
+            let key = (topic, partition);
+            let watch = self.watch.entry(key.clone()).or_default();
+            let mut verdict = watch.assess(position, low, high);
+            if let (Verdict::Probe { from, need }, Some(pos)) = (verdict, position) {
+                let found = probe(
+                    &self.consumer,
+                    &self.shutdown,
+                    self.probe_quiet,
+                    &key.0,
+                    partition,
+                    from,
+                    need,
+                );
+                verdict = watch.probed(pos, high, found);
+            }
+            match (verdict, position) {
+                (Verdict::Fine, _) => marks.push((key, high, low)),
+                (Verdict::Reset(kind), Some(stored)) => {
+                    complete = false;
+                    self.state.begin_recovery(&key, started_ms);
+                    let _ = self.commands.send(Command::Reset(LogReset {
+                        topic: key.0,
+                        partition,
+                        kind,
+                        stored,
+                        low,
+                        high,
+                    }));
+                }
+                _ => complete = false,
             }
         }
         // A round that saw every partition becomes a target; the reader confirms it the
@@ -1051,6 +1568,160 @@ mod tests {
         state.store_failing.store(true, Ordering::Release);
         state.confirm_targets();
         assert_eq!(state.caught_up_at_ms(), Some(2_000));
+    }
+
+    #[test]
+    fn a_high_watermark_below_a_resting_position_is_probed_once() {
+        let mut w = Watch::default();
+        // Tansu memory://: one batch of 21 records reports a high watermark of 1.
+        assert_eq!(
+            w.assess(Some(21), 0, 1),
+            Verdict::Probe { from: 0, need: 20 }
+        );
+        assert_eq!(w.probed(21, 1, Probed::Reaches), Verdict::Fine);
+        assert_eq!(w.assess(Some(21), 0, 1), Verdict::Fine, "verified");
+        // A moving position is being read, whatever the watermarks say.
+        assert_eq!(w.assess(Some(30), 0, 1), Verdict::Fine);
+        assert_eq!(w.assess(Some(45), 0, 22), Verdict::Fine);
+        // At rest again with a new high watermark: probed again.
+        assert_eq!(
+            w.assess(Some(45), 0, 22),
+            Verdict::Probe { from: 21, need: 44 }
+        );
+        assert_eq!(w.probed(45, 22, Probed::Unknown), Verdict::Suspect);
+        assert_eq!(
+            w.assess(Some(45), 0, 22),
+            Verdict::Probe { from: 21, need: 44 },
+            "an inconclusive probe is tried again"
+        );
+        // Within the log: nothing to probe.
+        assert_eq!(w.assess(Some(45), 0, 45), Verdict::Fine);
+        assert_eq!(w.assess(Some(45), 40, 60), Verdict::Fine);
+        assert_eq!(w.assess(None, 0, 0), Verdict::Fine, "nothing stored");
+    }
+
+    #[test]
+    fn a_log_ending_before_the_position_is_reset_once_and_judged_again_later() {
+        let mut w = Watch::default();
+        assert_eq!(
+            w.assess(Some(40), 0, 3),
+            Verdict::Probe { from: 2, need: 39 }
+        );
+        assert_eq!(
+            w.probed(40, 3, Probed::EndsBefore),
+            Verdict::Reset(ResetKind::BehindEnd)
+        );
+        // The reader has not moved it yet: no second reset meanwhile.
+        for _ in 0..PENDING_ROUNDS {
+            assert_eq!(w.assess(Some(40), 0, 3), Verdict::Suspect);
+        }
+        // Still there after that (the reader could not move it): judged again.
+        assert_eq!(
+            w.assess(Some(40), 0, 3),
+            Verdict::Probe { from: 2, need: 39 }
+        );
+        assert_eq!(
+            w.probed(40, 3, Probed::EndsBefore),
+            Verdict::Reset(ResetKind::BehindEnd)
+        );
+        // Moved to the log start and read on: fine.
+        assert_eq!(w.assess(Some(0), 0, 3), Verdict::Fine);
+        assert_eq!(w.assess(Some(3), 0, 3), Verdict::Fine);
+    }
+
+    #[test]
+    fn an_empty_or_truncated_log_must_be_seen_twice_in_a_row() {
+        let mut w = Watch::default();
+        // An empty log (or a topic the broker no longer knows: Tansu answers 0, 0).
+        assert_eq!(w.assess(Some(12), 0, 0), Verdict::Suspect);
+        assert_eq!(w.assess(Some(12), 0, 12), Verdict::Fine, "a blip");
+        assert_eq!(w.assess(Some(12), 0, 0), Verdict::Suspect);
+        assert_eq!(
+            w.assess(Some(12), 0, 0),
+            Verdict::Reset(ResetKind::BehindEnd)
+        );
+        // Retention deleted records never read: the log starts after the position.
+        let mut w = Watch::default();
+        assert_eq!(w.assess(Some(12), 50, 80), Verdict::Suspect);
+        assert_eq!(
+            w.assess(Some(12), 50, 80),
+            Verdict::Reset(ResetKind::Truncated)
+        );
+        // Real Kafka answers OFFSET_OUT_OF_RANGE: librdkafka restarts the reader at the
+        // log start before the second round, and nothing is reset twice.
+        let mut w = Watch::default();
+        assert_eq!(w.assess(Some(12), 50, 80), Verdict::Suspect);
+        assert_eq!(w.assess(Some(57), 50, 80), Verdict::Fine);
+    }
+
+    #[test]
+    fn a_log_reset_keeps_freshness_off_until_a_later_round_is_reached() {
+        let state = IngestState::new();
+        let key = ("t".to_string(), 0);
+        state.set_position("t", 0, 40);
+        state.push_target(Target {
+            at_ms: 1_000,
+            marks: vec![(key.clone(), 40, 0)],
+        });
+        state.confirm_targets();
+        assert_eq!(state.caught_up_at_ms(), Some(1_000));
+        // A round of the lost log, still waiting: it is dropped by the reset.
+        state.push_target(Target {
+            at_ms: 1_500,
+            marks: vec![(key.clone(), 60, 0)],
+        });
+        state.begin_recovery(&key, 2_000);
+        assert!(state.recovering());
+        // The new log ends at 5: the stale position 40 must not count as past it.
+        state.push_target(Target {
+            at_ms: 2_000,
+            marks: vec![(key.clone(), 5, 0)],
+        });
+        state.confirm_targets();
+        assert_eq!(state.caught_up_at_ms(), Some(1_000));
+        // Moved to the log start, not yet read to the end.
+        state.set_position("t", 0, 0);
+        state.reseeked(&key);
+        state.confirm_targets();
+        assert!(state.recovering());
+        assert_eq!(state.caught_up_at_ms(), Some(1_000));
+        state.set_position("t", 0, 5);
+        state.confirm_targets();
+        assert!(!state.recovering());
+        assert_eq!(state.caught_up_at_ms(), Some(2_000));
+    }
+
+    #[test]
+    fn forgotten_partitions_no_longer_hold_rounds_back() {
+        let state = IngestState::new();
+        let (a, b) = (("t".to_string(), 0), ("t".to_string(), 1));
+        state.set_position("t", 0, 10);
+        state.set_position("t", 1, 3);
+        state.push_target(Target {
+            at_ms: 1_000,
+            marks: vec![(a.clone(), 10, 0), (b.clone(), 9, 0)],
+        });
+        state.begin_recovery(&b, 500);
+        state.confirm_targets();
+        assert_eq!(state.caught_up_at_ms(), None);
+        state.forget_partitions(std::slice::from_ref(&b));
+        assert!(!state.recovering());
+        state.confirm_targets();
+        assert_eq!(state.caught_up_at_ms(), Some(1_000));
+        let keys: Vec<i32> = state.partitions().iter().map(|p| p.partition).collect();
+        assert_eq!(keys, vec![0]);
+    }
+
+    #[test]
+    fn a_probe_waits_several_fetches_for_the_next_record() {
+        assert_eq!(
+            probe_quiet(Duration::from_millis(10)),
+            Duration::from_millis(300)
+        );
+        assert_eq!(
+            probe_quiet(Duration::from_millis(500)),
+            Duration::from_millis(2500)
+        );
     }
 
     #[test]

@@ -109,6 +109,8 @@ pub struct Metrics {
     pub lag: Family<PartitionLabels, Gauge>,
     pub position: Family<PartitionLabels, Gauge>,
     pub offset_resets: Family<PartitionLabels, Counter>,
+    /// Logs found reset or truncated under a stored position (see `ingest`).
+    pub log_resets: Family<PartitionLabels, Counter>,
     pub seconds_since_caught_up: Gauge<f64, AtomicU64>,
     pub propagation_delay: Histogram,
     pub denylist_entries: Family<KindLabels, Gauge>,
@@ -143,6 +145,7 @@ impl Metrics {
             lag: Family::default(),
             position: Family::default(),
             offset_resets: Family::default(),
+            log_resets: Family::default(),
             seconds_since_caught_up: Gauge::default(),
             propagation_delay: delay_histogram(),
             denylist_entries: Family::default(),
@@ -193,6 +196,11 @@ impl Metrics {
             "offset_resets",
             "Times a stored position was out of the log's range and reading restarted at the earliest offset",
             m.offset_resets.clone(),
+        );
+        registry.register(
+            "ingest_log_resets",
+            "Times a partition's log was found reset or truncated under the stored position (broker lost its log, topic recreated, retention deleted unread records); reading restarted at the log start",
+            m.log_resets.clone(),
         );
         registry.register(
             "seconds_since_caught_up",

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::broker::{eventually, get_json, Broker, Storage};
+use common::broker::{eventually, get_json, get_text, Broker, Storage};
 use common::daemon::{Daemon, DaemonConfig};
 use revsync::config::KafkaConfig;
 use revsync::denylist::{Denylist, Retention, TokenRef};
@@ -53,6 +53,22 @@ fn stream(
 
 fn tokens_applied(daemon: &Daemon) -> Option<u64> {
     get_json(&daemon.url("/v1/status"))?["denylist"]["token"].as_u64()
+}
+
+/// `revsync_ingest_log_resets_total` of every partition, after a few more watermark
+/// rounds (200 ms each) than catching up took: an intact log must never be taken for a
+/// reset one, neither after kill -9 (positions inside a batch, below Tansu memory's
+/// lagging high watermark) nor after a broker restart.
+fn log_resets_after_a_while(daemon: &Daemon) -> Vec<u64> {
+    std::thread::sleep(Duration::from_secs(2));
+    let text = get_text(&daemon.url("/metrics")).expect("GET /metrics");
+    let counts: Vec<u64> = text
+        .lines()
+        .filter(|l| l.starts_with("revsync_ingest_log_resets_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse().ok())
+        .collect();
+    assert!(!counts.is_empty(), "no log reset counter in\n{text}");
+    counts
 }
 
 fn assert_all_present(store: &Path, events: &[Event]) {
@@ -136,6 +152,7 @@ fn repeated_kill_9_at_random_moments_loses_nothing() {
         "every event after the last restart",
         || (tokens_applied(&daemon)? == all.len() as u64).then_some(()),
     );
+    assert_eq!(log_resets_after_a_while(&daemon), vec![0, 0, 0]);
     assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
     assert_eq!(kills, 5);
     assert_all_present(&dir.path().join("store"), &all);
@@ -178,6 +195,7 @@ fn broker_stopped_and_restarted_mid_stream_loses_nothing() {
     eventually(Duration::from_secs(60), "events after the outage", || {
         (tokens_applied(&daemon)? == 6_000).then_some(())
     });
+    assert_eq!(log_resets_after_a_while(&daemon), vec![0, 0]);
     assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
     let all: Vec<Event> = first.into_iter().chain(second).collect();
     assert_all_present(&dir.path().join("store"), &all);
