@@ -797,6 +797,7 @@ impl Reader {
             };
             let _ = self.metrics.offset_resets.get_or_create(&labels);
             let _ = self.metrics.log_resets.get_or_create(&labels);
+            let _ = self.metrics.skipped_offsets.get_or_create(&labels);
         }
         if tpl.count() == 0 {
             return;
@@ -1095,7 +1096,19 @@ fn check_continuity(
                 "log was truncated under the stored position: revocations in between are lost; raise the topic's retention above the longest token lifetime"
             );
         }
-        Ok(_) => {}
+        Ok(_) => {
+            metrics
+                .skipped_offsets
+                .get_or_create(&labels)
+                .inc_by((offset - want) as u64);
+            debug!(
+                topic,
+                partition,
+                from = want,
+                to = offset,
+                "offsets skipped by the broker"
+            );
+        }
         Err(e) => debug!(topic, partition, error = %e, "cannot confirm offset gap"),
     }
 }

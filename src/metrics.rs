@@ -111,6 +111,8 @@ pub struct Metrics {
     pub offset_resets: Family<PartitionLabels, Counter>,
     /// Logs found reset or truncated under a stored position (see `ingest`).
     pub log_resets: Family<PartitionLabels, Counter>,
+    /// Offsets the broker skipped inside the log (compaction, transaction markers).
+    pub skipped_offsets: Family<PartitionLabels, Counter>,
     pub seconds_since_caught_up: Gauge<f64, AtomicU64>,
     pub propagation_delay: Histogram,
     pub denylist_entries: Family<KindLabels, Gauge>,
@@ -146,6 +148,7 @@ impl Metrics {
             position: Family::default(),
             offset_resets: Family::default(),
             log_resets: Family::default(),
+            skipped_offsets: Family::default(),
             seconds_since_caught_up: Gauge::default(),
             propagation_delay: delay_histogram(),
             denylist_entries: Family::default(),
@@ -201,6 +204,11 @@ impl Metrics {
             "ingest_log_resets",
             "Times a partition's log was found reset or truncated under the stored position (broker lost its log, topic recreated, retention deleted unread records); reading restarted at the log start",
             m.log_resets.clone(),
+        );
+        registry.register(
+            "ingest_skipped_offsets",
+            "Offsets inside the log that the broker never delivered: normal for compacted topics and transaction markers; on a plain topic written without transactions, records the broker lost",
+            m.skipped_offsets.clone(),
         );
         registry.register(
             "seconds_since_caught_up",
