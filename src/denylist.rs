@@ -467,6 +467,7 @@ impl Denylist {
         let mut records = 0;
         for item in self.tree.range(vec![EXPIRY]..end).take(limit) {
             let (xkey, list) = item?;
+            let bucket_end = read_u64(&xkey, 1).ok_or(StoreError::Corrupt('X'))?;
             batch.remove(xkey);
             records += 1;
             let mut rest = &list[..];
@@ -479,8 +480,11 @@ impl Denylist {
                 let Some(v) = self.tree.get(entry)? else {
                     continue;
                 };
-                // Extended since it was listed here: its later bucket will drop it.
-                if decode_entry(&v)?[1] > now {
+                // Extended past this bucket since it was listed here: the bucket of its
+                // current expiry drops it. (Not `> now`: an entry listed in several
+                // buckets must go at the same moment whichever record is walked first,
+                // so that how events were batched never shows; bucket_end <= now.)
+                if decode_entry(&v)?[1] >= bucket_end {
                     continue;
                 }
                 batch.remove(entry);
