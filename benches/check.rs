@@ -32,6 +32,9 @@
 //! the requests measured, which separates the server's cost from the client's on a
 //! machine where both share the cores.
 
+#[path = "support/host.rs"]
+mod host;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -46,6 +49,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
+use host::{cpu_model, env_count, env_f64, env_list, loadavg, thread_cpu_ns, threads_cpu_ns};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use revsync::api::{AppState, Checker, Decision};
 use revsync::config::{FreshnessConfig, IssuerConfig, OnStale};
@@ -65,40 +69,6 @@ const SERVER_THREADS: &str = "srv-worker";
 const CLIENT_THREADS: &str = "bench-cli-";
 const PROBE_TOKENS: usize = 5_000;
 const PROBE_SECS: f64 = 0.5;
-
-// ---------------------------------------------------------------------------------------
-// Environment
-
-fn env_f64(name: &str, default: f64) -> f64 {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v}: not a number")),
-        Err(_) => default,
-    }
-}
-
-fn env_count(name: &str) -> Option<usize> {
-    std::env::var(name).ok().map(|v| {
-        v.replace('_', "")
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v}: not a count"))
-    })
-}
-
-fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .split(',')
-            .map(|s| {
-                s.trim()
-                    .parse()
-                    .unwrap_or_else(|_| panic!("{name}={v}: not a list of counts"))
-            })
-            .collect(),
-        Err(_) => default.to_vec(),
-    }
-}
 
 struct Settings {
     warmup: Duration,
@@ -604,34 +574,6 @@ enum Tokens<'a> {
 }
 
 // ---------------------------------------------------------------------------------------
-// CPU time per thread (`/proc/<tid>/schedstat`: nanoseconds on CPU)
-
-fn schedstat_ns(dir: &std::path::Path) -> u64 {
-    std::fs::read_to_string(dir.join("schedstat"))
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// Total CPU time of this process's threads whose name starts with `prefix`.
-fn threads_cpu_ns(prefix: &str) -> u64 {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
-        })
-        .map(|t| schedstat_ns(&t.path()))
-        .sum()
-}
-
-fn own_cpu_ns() -> u64 {
-    schedstat_ns(std::path::Path::new("/proc/thread-self"))
-}
-
-// ---------------------------------------------------------------------------------------
 // Runs
 
 struct Run {
@@ -679,7 +621,7 @@ fn client_loop(
         }
         let measured = t0 >= measure_from;
         if measured && cpu_start.is_none() {
-            cpu_start = Some(own_cpu_ns());
+            cpu_start = Some(thread_cpu_ns());
         }
         let token = match tokens {
             Tokens::Same(t) => t,
@@ -703,7 +645,7 @@ fn client_loop(
     ClientOut {
         latencies_ns,
         issued,
-        cpu_ns: cpu_start.map_or(0, |s| own_cpu_ns().saturating_sub(s)),
+        cpu_ns: cpu_start.map_or(0, |s| thread_cpu_ns().saturating_sub(s)),
     }
 }
 
@@ -901,24 +843,6 @@ fn first_seen(
             r
         })
         .collect()
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 fn verdict(ratio: f64, goal: f64) -> String {

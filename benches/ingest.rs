@@ -20,6 +20,9 @@
 //! 4. replay of N native events from the earliest offset of a real Tansu broker into a
 //!    fresh store through `ingest::spawn`.
 
+#[path = "support/host.rs"]
+mod host;
+
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -27,6 +30,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use host::{env_count, proc_status_kib, process_cpu_ns};
 use revsync::config::{KafkaConfig, TopicConfig};
 use revsync::denylist::{Denylist, Position, Retention, TokenRef};
 use revsync::event::{Event, Revocation};
@@ -42,16 +46,6 @@ const TOPIC: &str = "revocations";
 const PARTITIONS: i32 = 4;
 /// How long the replay may take before the bench gives up on it.
 const REPLAY_LIMIT: Duration = Duration::from_secs(900);
-
-fn env_count(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(v) => v
-            .replace('_', "")
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v}: not a count")),
-        Err(_) => default,
-    }
-}
 
 fn retention() -> Retention {
     Retention::new(Duration::from_secs(24 * 3600), Duration::from_secs(30))
@@ -192,26 +186,6 @@ fn apply_all(
         batch_no += 1;
     }
     (in_apply, outcome, slowest)
-}
-
-fn proc_status_kib(field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// utime + stime of a process in seconds (USER_HZ = 100 on Linux).
-fn cpu_seconds(pid: &str) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = &s[s.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    Some(ticks as f64 / 100.0)
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -413,9 +387,10 @@ fn replay(n: usize) -> Result<Replay, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let denylist =
         Arc::new(Denylist::open(dir.path(), CACHE_BYTES, retention()).map_err(|e| e.to_string())?);
-    let broker_pid = broker.child.id().to_string();
-    let broker_cpu0 = cpu_seconds(&broker_pid);
-    let self_cpu0 = cpu_seconds("self");
+    let broker_pid = broker.child.id();
+    let cpu_secs = |pid: u32| process_cpu_ns(pid) as f64 / 1e9;
+    let broker_cpu0 = cpu_secs(broker_pid);
+    let self_cpu0 = cpu_secs(std::process::id());
     let stop = CancellationToken::new();
     let t = Instant::now();
     let handle = ingest::spawn(
@@ -460,10 +435,8 @@ fn replay(n: usize) -> Result<Replay, String> {
         std::thread::sleep(Duration::from_millis(50));
     }
     let replay_secs = t.elapsed().as_secs_f64();
-    let broker_cpu = cpu_seconds(&broker_pid)
-        .zip(broker_cpu0)
-        .map(|(a, b)| a - b);
-    let self_cpu = cpu_seconds("self").zip(self_cpu0).map(|(a, b)| a - b);
+    let broker_cpu = Some(cpu_secs(broker_pid) - broker_cpu0);
+    let self_cpu = Some(cpu_secs(std::process::id()) - self_cpu0);
     drop(ingesting);
     let rss_after_kib = proc_status_kib("VmRSS:");
     eprintln!("[replay] {n} positions applied in {replay_secs:.2} s");
@@ -484,28 +457,16 @@ fn machine() -> (usize, String, String) {
     let nproc = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default();
-    (nproc, model, load)
+    (nproc, host::cpu_model(), host::loadavg())
 }
 
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument is not meaningful here.
-    let n = env_count("REVSYNC_BENCH_N", 1_000_000);
+    let n = env_count("REVSYNC_BENCH_N").unwrap_or(1_000_000);
     assert!(n > 0, "REVSYNC_BENCH_N must be positive");
-    let n_apply = env_count("REVSYNC_BENCH_APPLY", n / 5);
-    let n_lookups = env_count("REVSYNC_BENCH_LOOKUPS", n);
-    let n_replay = env_count("REVSYNC_BENCH_REPLAY", n);
+    let n_apply = env_count("REVSYNC_BENCH_APPLY").unwrap_or(n / 5);
+    let n_lookups = env_count("REVSYNC_BENCH_LOOKUPS").unwrap_or(n);
+    let n_replay = env_count("REVSYNC_BENCH_REPLAY").unwrap_or(n);
     let (nproc, model, load_start) = machine();
     let mut rows: Vec<(String, String, String)> = Vec::new();
     let mut row = |what: &str, value: String, target: &str| {

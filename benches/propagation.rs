@@ -6,6 +6,9 @@
 //!
 //! `cargo bench --bench propagation` (REVSYNC_BENCH_REVOCATIONS=N, default 1000).
 
+#[path = "support/host.rs"]
+mod host;
+
 use std::net::TcpListener as StdListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -189,14 +192,7 @@ async fn main() {
     let mut sorted = delays_ms.clone();
     sorted.sort_by(f64::total_cmp);
     let mean = sorted.iter().sum::<f64>() / sorted.len() as f64;
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
+    let cpu = host::cpu_model();
     println!("revsync propagation bench");
     println!("command : cargo bench --bench propagation");
     println!(

@@ -42,6 +42,8 @@
 //! an answer is wrong (a broken path must not produce a fast figure), except in the mixed
 //! part, where wrong answers are what is being counted.
 
+#[path = "support/host.rs"]
+mod host;
 #[path = "support/http_client.rs"]
 mod http_client;
 
@@ -61,7 +63,8 @@ use axum::routing::{get, post};
 use axum::Router;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
-use http_client::{contains, run_load, Client, Load, Step};
+use host::{cpu_model, env_count, env_f64, env_list, loadavg, proc_status_kib};
+use http_client::{contains, run_load, Client, Load, LoadSpec, Step};
 use revsync::app::{self, Listener};
 use revsync::config::{Config, IssuerConfig, KafkaConfig, StoreConfig, TopicConfig};
 use revsync::denylist::{Denylist, Position, Retention, TokenRef};
@@ -86,41 +89,6 @@ const ALL_PARTS: &str = "check,introspection,propagation,mixed,scale";
 
 // ---------------------------------------------------------------------------------------
 // Environment
-
-fn env_f64(name: &str, default: f64) -> f64 {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v}: not a number")),
-        Err(_) => default,
-    }
-}
-
-fn env_count(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(v) => v
-            .replace('_', "")
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v}: not a count")),
-        Err(_) => default,
-    }
-}
-
-fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .split(',')
-            .filter(|s| !s.trim().is_empty())
-            .map(|s| {
-                s.trim()
-                    .replace('_', "")
-                    .parse()
-                    .unwrap_or_else(|_| panic!("{name}={v}: not a list of counts"))
-            })
-            .collect(),
-        Err(_) => default.to_vec(),
-    }
-}
 
 struct Settings {
     parts: Vec<String>,
@@ -151,14 +119,16 @@ impl Settings {
             warmup: Duration::from_secs_f64(env_f64("REVSYNC_BENCH_WARMUP", 1.0)),
             measure: Duration::from_secs_f64(env_f64("REVSYNC_BENCH_SECS", 5.0)),
             concurrency: env_list("REVSYNC_BENCH_CONCURRENCY", &[1, 16]),
-            revoked: env_count("REVSYNC_BENCH_REVOKED", 10_000).max(1),
-            introspection_tokens: env_count("REVSYNC_BENCH_INTROSPECTION_TOKENS", 1_000).max(1),
-            revocations: env_count("REVSYNC_BENCH_REVOCATIONS", 1_000),
+            revoked: env_count("REVSYNC_BENCH_REVOKED").unwrap_or(10_000).max(1),
+            introspection_tokens: env_count("REVSYNC_BENCH_INTROSPECTION_TOKENS")
+                .unwrap_or(1_000)
+                .max(1),
+            revocations: env_count("REVSYNC_BENCH_REVOCATIONS").unwrap_or(1_000),
             mixed: Duration::from_secs_f64(env_f64("REVSYNC_BENCH_MIXED_SECS", 60.0)),
             ingest_rate: env_f64("REVSYNC_BENCH_INGEST_RATE", 11_000.0),
             scale: env_list("REVSYNC_BENCH_SCALE", &[100_000, 1_000_000, 10_000_000]),
-            lookups: env_count("REVSYNC_BENCH_LOOKUPS", 1_000_000),
-            startup: env_count("REVSYNC_BENCH_STARTUP", 1_000_000),
+            lookups: env_count("REVSYNC_BENCH_LOOKUPS").unwrap_or(1_000_000),
+            startup: env_count("REVSYNC_BENCH_STARTUP").unwrap_or(1_000_000),
             node: std::env::var("REVSYNC_BENCH_NODE").unwrap_or_else(|_| "node".into()),
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
@@ -192,18 +162,6 @@ fn read_file_trim(path: &str) -> String {
         .unwrap_or_default()
 }
 
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
-
 fn mem_total_gib() -> f64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -216,24 +174,6 @@ fn mem_total_gib() -> f64 {
                 .ok()
         })
         .map_or(f64::NAN, |kib| kib / 1024.0 / 1024.0)
-}
-
-fn loadavg() -> String {
-    read_file_trim("/proc/loadavg")
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn proc_status_kib(field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 fn manifest_dir() -> PathBuf {
@@ -876,7 +816,17 @@ fn http_step(c: &mut Client, path: &str, bearer: &str, expect: Expect) -> Step {
 }
 
 fn srv_cpu() -> u64 {
-    http_client::threads_cpu_ns(SERVER_THREADS)
+    host::threads_cpu_ns(SERVER_THREADS)
+}
+
+/// A closed-loop run of the bench's clients, measuring the server threads' CPU.
+fn check_load(
+    addr: SocketAddr,
+    c: usize,
+    warmup: Duration,
+    measure: Duration,
+) -> LoadSpec<'static> {
+    LoadSpec::new(addr, c, warmup, measure, CLIENT_THREADS).server_cpu(&srv_cpu)
 }
 
 fn part_check(d: &Daemon, s: &Settings, report: &mut Report) {
@@ -917,12 +867,7 @@ fn part_check(d: &Daemon, s: &Settings, report: &mut Report) {
     for (scenario, addr, path, bearer, expect) in fixed {
         for &c in &s.concurrency {
             let load = run_load(
-                addr,
-                c,
-                s.warmup,
-                s.measure,
-                CLIENT_THREADS,
-                Some(&srv_cpu),
+                &check_load(addr, c, s.warmup, s.measure),
                 &|cl: &mut Client, _, _| http_step(cl, path, bearer, expect),
             );
             print_load("check", scenario, &load);
@@ -956,15 +901,16 @@ fn part_check(d: &Daemon, s: &Settings, report: &mut Report) {
                 None => Step::Exhausted,
             }
         };
-        let probe = run_load(
+        let probe = LoadSpec::new(
             d.api,
             s.max_concurrency(),
             Duration::ZERO,
             Duration::from_secs_f64(PROBE_SECS),
             CLIENT_THREADS,
-            None,
-            &|cl: &mut Client, _, _| pool_step(&probe_pool, &next, cl),
         );
+        let probe = run_load(&probe, &|cl: &mut Client, _, _| {
+            pool_step(&probe_pool, &next, cl)
+        });
         assert_clean("check", &scenario, &probe);
         let need = ((probe.rps() * per_run * 1.3).ceil() as usize * s.concurrency.len()).max(1000);
         let t = Instant::now();
@@ -985,12 +931,7 @@ fn part_check(d: &Daemon, s: &Settings, report: &mut Report) {
         let mut issued = 0;
         for &c in &s.concurrency {
             let load = run_load(
-                d.api,
-                c,
-                s.warmup,
-                s.measure,
-                CLIENT_THREADS,
-                Some(&srv_cpu),
+                &check_load(d.api, c, s.warmup, s.measure),
                 &|cl: &mut Client, _, _| pool_step(&pool, &next, cl),
             );
             print_load("check", &scenario, &load);
@@ -1220,7 +1161,7 @@ fn part_introspection(s: &Settings, report: &mut Report) {
         "introspection: {} opaque client_credentials tokens (client_secret_basic, form `token=…`), used round-robin; a valid answer looks like `{sample}`",
         bodies.len()
     ));
-    let node_cpu = || http_client::process_cpu_ns(srv.pid);
+    let node_cpu = || host::process_cpu_ns(srv.pid);
     let scenario = "oidc-provider: RFC 7662 introspection";
     // V8 compiles hot code only after a while: a fresh process gets a longer warm-up
     // (unrecorded) than the runs' own, so a short run does not measure the interpreter.
@@ -1230,24 +1171,17 @@ fn part_introspection(s: &Settings, report: &mut Report) {
             .chain(s.concurrency.iter().map(|&c| (c, s.warmup, s.measure)))
     {
         let next = AtomicUsize::new(0);
-        let load = run_load(
-            srv.addr,
-            conc,
-            warmup,
-            measure,
-            CLIENT_THREADS,
-            Some(&node_cpu),
-            &|cl: &mut Client, _, _| {
-                let body = &bodies[next.fetch_add(1, Ordering::Relaxed) % bodies.len()];
-                match cl.request("POST", "/token/introspection", &headers, body.as_bytes()) {
-                    Ok((200, b)) if contains(b, br#""active":true"#) => Step::Ok,
-                    Ok((st, b)) => {
-                        Step::Err(format!("status {st}, body {}", String::from_utf8_lossy(b)))
-                    }
-                    Err(e) => Step::Err(e.to_string()),
+        let spec = LoadSpec::new(srv.addr, conc, warmup, measure, CLIENT_THREADS);
+        let load = run_load(&spec.server_cpu(&node_cpu), &|cl: &mut Client, _, _| {
+            let body = &bodies[next.fetch_add(1, Ordering::Relaxed) % bodies.len()];
+            match cl.request("POST", "/token/introspection", &headers, body.as_bytes()) {
+                Ok((200, b)) if contains(b, br#""active":true"#) => Step::Ok,
+                Ok((st, b)) => {
+                    Step::Err(format!("status {st}, body {}", String::from_utf8_lossy(b)))
                 }
-            },
-        );
+                Err(e) => Step::Err(e.to_string()),
+            }
+        });
         if measure.is_zero() {
             assert!(
                 load.issued > 0 && load.first_error.is_none(),
@@ -1479,12 +1413,7 @@ fn part_mixed(d: &Daemon, s: &Settings, report: &mut Report) {
             samples
         });
         let load = run_load(
-            d.api,
-            conc,
-            s.warmup,
-            s.mixed,
-            CLIENT_THREADS,
-            Some(&srv_cpu),
+            &check_load(d.api, conc, s.warmup, s.mixed),
             &|cl: &mut Client, thread, n| {
                 let bearer = &bearers[(thread * 7919 + n as usize) % bearers.len()];
                 http_step(cl, "/v1/check", bearer, Expect::Active)
@@ -1767,10 +1696,10 @@ fn child_startup(n: usize, dir: &Path) -> Value {
 }
 
 fn child_main(role: &str) {
-    let n = env_count("REVSYNC_TRADEOFF_N", 0);
+    let n = env_count("REVSYNC_TRADEOFF_N").unwrap_or(0);
     let dir = PathBuf::from(std::env::var("REVSYNC_TRADEOFF_DIR").expect("REVSYNC_TRADEOFF_DIR"));
     let out = match role {
-        "scale" => child_scale(n, &dir, env_count("REVSYNC_TRADEOFF_LOOKUPS", 0)),
+        "scale" => child_scale(n, &dir, env_count("REVSYNC_TRADEOFF_LOOKUPS").unwrap_or(0)),
         "startup" => child_startup(n, &dir),
         other => panic!("{CHILD_ENV}={other}: unknown role"),
     };
