@@ -42,6 +42,8 @@
 //! an answer is wrong (a broken path must not produce a fast figure), except in the mixed
 //! part, where wrong answers are what is being counted.
 
+#[path = "support/check_env.rs"]
+mod check_env;
 #[path = "support/host.rs"]
 mod host;
 #[path = "support/http_client.rs"]
@@ -56,17 +58,17 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::signature::{self as sig, EcdsaKeyPair, KeyPair as _};
-use axum::http::header;
-use axum::routing::{get, post};
+use axum::routing::post;
 use axum::Router;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
+use check_env::{
+    claims, judge, mint, serve_jwks, BenchKey, Expect, CLIENT_THREADS, SERVER_THREADS,
+};
 use host::{cpu_model, env_count, env_f64, env_list, loadavg, proc_status_kib};
 use http_client::{contains, run_load, Client, Load, LoadSpec, Step};
 use revsync::app::{self, Listener};
-use revsync::config::{Config, IssuerConfig, KafkaConfig, StoreConfig, TopicConfig};
+use revsync::config::{Config, KafkaConfig, StoreConfig, TopicConfig};
 use revsync::denylist::{Denylist, Position, Retention, TokenRef};
 use revsync::dev::{issuer_router, DemoIssuer};
 use revsync::event::{Event, Revocation};
@@ -74,12 +76,10 @@ use revsync::publish::Publisher;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-const AUD: &str = "bench-api";
 const TOPIC: &str = "revocations";
 const PARTITIONS: u32 = 3;
-const EMPTY_BODY: &str = r#"{"active":true}"#;
-const SERVER_THREADS: &str = "srv-worker";
-const CLIENT_THREADS: &str = "bench-cli-";
+/// Lifetime of the bench issuer's tokens.
+const TOKEN_SECS: u64 = 7200;
 const BATCH: usize = 10_000;
 const CHILD_ENV: &str = "REVSYNC_TRADEOFF_CHILD";
 const PROBE_TOKENS: usize = 2_000;
@@ -230,149 +230,6 @@ fn fmt_opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
 }
 
 // ---------------------------------------------------------------------------------------
-// Keys and tokens (signed with aws-lc-rs directly: jsonwebtoken re-parses an RSA private
-// key on every signature, which would make minting the first-seen pools far slower)
-
-/// (tag, content, rest) of one DER TLV.
-fn der_tlv(input: &[u8]) -> (u8, &[u8], &[u8]) {
-    let tag = input[0];
-    let (len, head) = if input[1] & 0x80 == 0 {
-        (input[1] as usize, 2)
-    } else {
-        let n = (input[1] & 0x7f) as usize;
-        let len = input[2..2 + n]
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
-        (len, 2 + n)
-    };
-    (tag, &input[head..head + len], &input[head + len..])
-}
-
-/// (n, e) of a PKCS#1 `RSAPublicKey`, without leading zero bytes.
-fn rsa_public_components(der: &[u8]) -> (Vec<u8>, Vec<u8>) {
-    let (_, seq, _) = der_tlv(der);
-    let (_, n, rest) = der_tlv(seq);
-    let (_, e, _) = der_tlv(rest);
-    let strip = |b: &[u8]| b[b.iter().position(|x| *x != 0).unwrap_or(b.len())..].to_vec();
-    (strip(n), strip(e))
-}
-
-fn b64url(bytes: &[u8]) -> String {
-    URL_SAFE_NO_PAD.encode(bytes)
-}
-
-enum SigningKey {
-    Rsa(aws_lc_rs::rsa::KeyPair),
-    Ec(EcdsaKeyPair),
-}
-
-struct BenchKey {
-    name: &'static str,
-    signing: SigningKey,
-    header_b64: String,
-    jwk: Value,
-}
-
-impl BenchKey {
-    fn rsa(kid: &str) -> Self {
-        let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
-        let (n, e) = rsa_public_components(pair.public_key().as_ref());
-        BenchKey {
-            name: "RS256",
-            header_b64: b64url(
-                json!({"alg": "RS256", "typ": "JWT", "kid": kid})
-                    .to_string()
-                    .as_bytes(),
-            ),
-            jwk: json!({"kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256", "n": b64url(&n), "e": b64url(&e)}),
-            signing: SigningKey::Rsa(pair),
-        }
-    }
-
-    fn p256(kid: &str) -> Self {
-        let alg = &sig::ECDSA_P256_SHA256_FIXED_SIGNING;
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &SystemRandom::new()).unwrap();
-        let pair = EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref()).unwrap();
-        let point = pair.public_key().as_ref().to_vec();
-        BenchKey {
-            name: "ES256",
-            header_b64: b64url(
-                json!({"alg": "ES256", "typ": "JWT", "kid": kid})
-                    .to_string()
-                    .as_bytes(),
-            ),
-            jwk: json!({"kty": "EC", "kid": kid, "use": "sig", "alg": "ES256", "crv": "P-256",
-                "x": b64url(&point[1..33]), "y": b64url(&point[33..65])}),
-            signing: SigningKey::Ec(pair),
-        }
-    }
-
-    fn sign(&self, claims: &str) -> String {
-        let mut token = String::with_capacity(self.header_b64.len() + claims.len() * 4 / 3 + 400);
-        token.push_str(&self.header_b64);
-        token.push('.');
-        URL_SAFE_NO_PAD.encode_string(claims.as_bytes(), &mut token);
-        let signature = match &self.signing {
-            SigningKey::Rsa(pair) => {
-                let mut s = vec![0; pair.public_modulus_len()];
-                pair.sign(
-                    &sig::RSA_PKCS1_SHA256,
-                    &SystemRandom::new(),
-                    token.as_bytes(),
-                    &mut s,
-                )
-                .unwrap();
-                s
-            }
-            SigningKey::Ec(pair) => pair
-                .sign(&SystemRandom::new(), token.as_bytes())
-                .unwrap()
-                .as_ref()
-                .to_vec(),
-        };
-        token.push('.');
-        URL_SAFE_NO_PAD.encode_string(&signature, &mut token);
-        token
-    }
-}
-
-/// Access-token claims of a typical shape, valid for two hours.
-fn claims(iss: &str, jti: &str) -> String {
-    let now = revsync::unix_now();
-    format!(
-        r#"{{"iss":"{iss}","aud":"{AUD}","sub":"alice","client_id":"bench-app","scope":"read write","jti":"{jti}","iat":{now},"exp":{}}}"#,
-        now + 7200
-    )
-}
-
-/// `n` unique `Bearer …` header values (jti `{prefix}-{i}`), signed on every core.
-fn mint_bearers(key: &BenchKey, iss: &str, prefix: &str, n: usize, cores: usize) -> Vec<String> {
-    let per = n.div_ceil(cores.max(1)).max(1);
-    std::thread::scope(|s| {
-        let parts: Vec<_> = (0..n)
-            .step_by(per)
-            .map(|start| {
-                let end = (start + per).min(n);
-                s.spawn(move || {
-                    (start..end)
-                        .map(|i| {
-                            format!(
-                                "Bearer {}",
-                                key.sign(&claims(iss, &format!("{prefix}-{i:09}")))
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        parts
-            .into_iter()
-            .flat_map(|h| h.join().expect("minting thread"))
-            .collect()
-    })
-}
-
-// ---------------------------------------------------------------------------------------
 // Identifiers for generated events (as in benches/ingest.rs: UUID-shaped, random order)
 
 fn mix(mut z: u64) -> u64 {
@@ -507,10 +364,7 @@ struct Daemon {
 async fn serve_floor() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = Router::new().route(
-        "/empty",
-        post(|| async { ([(header::CONTENT_TYPE, "application/json")], EMPTY_BODY) }),
-    );
+    let app = Router::new().route("/empty", post(check_env::empty));
     tokio::spawn(async move { axum::serve(listener, app).await });
     addr
 }
@@ -570,27 +424,17 @@ impl Daemon {
         let brokers = format!("127.0.0.1:{port}");
         let rsa = BenchKey::rsa("bench-rsa");
         let ec = BenchKey::p256("bench-ec");
-        let jwks: &'static str = Box::leak(
-            json!({"keys": [rsa.jwk.clone(), ec.jwk.clone()]})
-                .to_string()
-                .into_boxed_str(),
-        );
-        let (floor, bench_iss, demo, demo_iss) = rt.block_on(async {
+        let (floor, bench, demo, demo_iss) = rt.block_on(async {
             let floor = serve_floor().await;
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let bench_iss = format!("http://{}", l.local_addr().unwrap());
-            let app = Router::new().route(
-                "/jwks",
-                get(move || async move { ([(header::CONTENT_TYPE, "application/json")], jwks) }),
-            );
-            tokio::spawn(async move { axum::serve(l, app).await });
+            let bench = serve_jwks(&[&rsa, &ec]).await;
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let demo_iss = format!("http://{}", l.local_addr().unwrap());
             let demo = Arc::new(DemoIssuer::generate(demo_iss.clone()).unwrap());
             let router = issuer_router(demo.clone());
             tokio::spawn(async move { axum::serve(l, router).await });
-            (floor, bench_iss, demo, demo_iss)
+            (floor, bench, demo, demo_iss)
         });
+        let bench_iss = bench.issuer.clone();
 
         // Background revocations (the revoked scenario's jti among them), published before
         // the daemon starts: it reads them from the earliest offset.
@@ -625,9 +469,6 @@ impl Daemon {
             format: Default::default(),
             issuer: None,
         }];
-        let mut bench = IssuerConfig::new(bench_iss.clone(), AUD);
-        bench.jwks_uri = Some(format!("{bench_iss}/jwks"));
-        bench.algorithms = vec!["RS256".into(), "ES256".into()];
         config.issuers = vec![bench, demo.config()];
         let stop = CancellationToken::new();
         let (api, task) = rt.block_on(async {
@@ -751,6 +592,18 @@ impl Report {
             verdict,
         });
     }
+
+    /// Prints a measured run, asserts it had no error, and adds it to the table.
+    fn add_run(&mut self, part: &'static str, scenario: &str, load: Load, note: String) {
+        print_load(part, scenario, &load);
+        assert_clean(part, scenario, &load);
+        self.rows.push(Row {
+            part,
+            scenario: scenario.into(),
+            load,
+            note,
+        });
+    }
 }
 
 fn print_load(part: &str, scenario: &str, l: &Load) {
@@ -782,35 +635,9 @@ fn assert_clean(part: &str, scenario: &str, l: &Load) {
 // ---------------------------------------------------------------------------------------
 // Part: check
 
-#[derive(Clone, Copy)]
-enum Expect {
-    Empty,
-    Active,
-    Revoked,
-}
-
-fn judge(expect: Expect, status: u16, body: &[u8]) -> Step {
-    let ok = status == 200
-        && match expect {
-            Expect::Empty => body == EMPTY_BODY.as_bytes(),
-            Expect::Active => contains(body, br#""active":true"#),
-            Expect::Revoked => {
-                contains(body, br#""active":false"#) && contains(body, br#""reason":"revoked""#)
-            }
-        };
-    if ok {
-        Step::Ok
-    } else {
-        Step::Err(format!(
-            "status {status}, body {}",
-            String::from_utf8_lossy(&body[..body.len().min(200)])
-        ))
-    }
-}
-
 fn http_step(c: &mut Client, path: &str, bearer: &str, expect: Expect) -> Step {
     match c.request("POST", path, &[("Authorization", bearer)], b"") {
-        Ok((status, body)) => judge(expect, status, body),
+        Ok((status, body)) => judge(expect, status, body).map_or_else(Step::Err, |()| Step::Ok),
         Err(e) => Step::Err(e.to_string()),
     }
 }
@@ -829,14 +656,24 @@ fn check_load(
     LoadSpec::new(addr, c, warmup, measure, CLIENT_THREADS).server_cpu(&srv_cpu)
 }
 
+/// `Bearer …` values of `n` unique tokens of the bench issuer.
+fn mint_bearers(d: &Daemon, key: &BenchKey, prefix: &str, n: usize, cores: usize) -> Vec<String> {
+    mint(key, &d.bench_iss, prefix, n, TOKEN_SECS, cores, "Bearer ")
+}
+
 fn part_check(d: &Daemon, s: &Settings, report: &mut Report) {
-    let repeated = format!("Bearer {}", d.rsa.sign(&claims(&d.bench_iss, "repeated-1")));
-    let revoked = format!("Bearer {}", d.rsa.sign(&claims(&d.bench_iss, "revoked-0")));
+    let bearer = |jti: &str| {
+        format!(
+            "Bearer {}",
+            d.rsa.sign(&claims(&d.bench_iss, jti, TOKEN_SECS))
+        )
+    };
+    let (repeated, revoked) = (bearer("repeated-1"), bearer("revoked-0"));
     {
         let mut c = Client::connect(d.api).unwrap();
         let (st, body) = check_once(&mut c, &revoked).unwrap();
         assert!(
-            matches!(judge(Expect::Revoked, st, &body), Step::Ok),
+            judge(Expect::Revoked, st, &body).is_ok(),
             "revoked token not revoked: {}",
             String::from_utf8_lossy(&body)
         );
@@ -870,14 +707,7 @@ fn part_check(d: &Daemon, s: &Settings, report: &mut Report) {
                 &check_load(addr, c, s.warmup, s.measure),
                 &|cl: &mut Client, _, _| http_step(cl, path, bearer, expect),
             );
-            print_load("check", scenario, &load);
-            assert_clean("check", scenario, &load);
-            report.rows.push(Row {
-                part: "check",
-                scenario: scenario.into(),
-                load,
-                note: String::new(),
-            });
+            report.add_run("check", scenario, load, String::new());
         }
     }
 
@@ -887,8 +717,8 @@ fn part_check(d: &Daemon, s: &Settings, report: &mut Report) {
         let scenario = format!("revsync: first-seen {}", key.name);
         let t = Instant::now();
         let probe_pool = mint_bearers(
+            d,
             key,
-            &d.bench_iss,
             &format!("probe-{}", key.name),
             PROBE_TOKENS,
             s.cores,
@@ -914,13 +744,7 @@ fn part_check(d: &Daemon, s: &Settings, report: &mut Report) {
         assert_clean("check", &scenario, &probe);
         let need = ((probe.rps() * per_run * 1.3).ceil() as usize * s.concurrency.len()).max(1000);
         let t = Instant::now();
-        let pool = mint_bearers(
-            key,
-            &d.bench_iss,
-            &format!("fresh-{}", key.name),
-            need,
-            s.cores,
-        );
+        let pool = mint_bearers(d, key, &format!("fresh-{}", key.name), need, s.cores);
         eprintln!(
             "[check] {scenario}: probe {:.0} req/s; minted {need} tokens in {:.1} s ({sign_rate:.0}/s)",
             probe.rps(),
@@ -934,18 +758,11 @@ fn part_check(d: &Daemon, s: &Settings, report: &mut Report) {
                 &check_load(d.api, c, s.warmup, s.measure),
                 &|cl: &mut Client, _, _| pool_step(&pool, &next, cl),
             );
-            print_load("check", &scenario, &load);
-            assert_clean("check", &scenario, &load);
             issued += load.issued;
             let note = load.exhausted_at.map_or(String::new(), |t| {
                 format!("token pool ran out {t:.2} s into the window")
             });
-            report.rows.push(Row {
-                part: "check",
-                scenario: scenario.clone(),
-                load,
-                note,
-            });
+            report.add_run("check", &scenario, load, note);
         }
         if let (Some(a), Some(b)) = (misses0, d.metric("cache_misses")) {
             report.notes.push(format!(
@@ -1195,14 +1012,7 @@ fn part_introspection(s: &Settings, report: &mut Report) {
             );
             continue;
         }
-        print_load("introspection", scenario, &load);
-        assert_clean("introspection", scenario, &load);
-        report.rows.push(Row {
-            part: "introspection",
-            scenario: scenario.into(),
-            load,
-            note: String::new(),
-        });
+        report.add_run("introspection", scenario, load, String::new());
     }
     // Ratios against introspection.
     for &c in &s.concurrency {
@@ -1272,7 +1082,7 @@ fn part_propagation(d: &Daemon, s: &Settings, report: &mut Report) {
     for (i, (bearer, jti)) in tokens.iter().enumerate() {
         let (st, body) = check_once(&mut c, bearer).unwrap();
         assert!(
-            matches!(judge(Expect::Active, st, &body), Step::Ok),
+            judge(Expect::Active, st, &body).is_ok(),
             "token active before its revocation: {}",
             String::from_utf8_lossy(&body)
         );
@@ -1289,7 +1099,7 @@ fn part_propagation(d: &Daemon, s: &Settings, report: &mut Report) {
         loop {
             polls += 1;
             let (st, body) = check_once(&mut c, bearer).unwrap();
-            if matches!(judge(Expect::Revoked, st, &body), Step::Ok) {
+            if judge(Expect::Revoked, st, &body).is_ok() {
                 break;
             }
             assert!(
