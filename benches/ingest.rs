@@ -22,6 +22,8 @@
 
 #[path = "support/host.rs"]
 mod host;
+#[path = "support/workload.rs"]
+mod workload;
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -32,129 +34,38 @@ use std::time::{Duration, Instant};
 
 use host::{env_count, proc_status_kib, process_cpu_ns};
 use revsync::config::{KafkaConfig, TopicConfig};
-use revsync::denylist::{Denylist, Position, Retention, TokenRef};
-use revsync::event::{Event, Revocation};
+use revsync::denylist::Denylist;
+use revsync::event::Event;
 use revsync::ingest::{self, IngestState};
 use revsync::metrics::Metrics;
 use revsync::publish::Publisher;
 use tokio_util::sync::CancellationToken;
+use workload::{apply_batches, mixed_revocation, retention, token_event, LookupMix, BATCH, ISS};
 
-const ISS: &str = "https://issuer.example.com/realms/bench";
-const BATCH: usize = 10_000;
 const CACHE_BYTES: u64 = 256 << 20;
 const TOPIC: &str = "revocations";
 const PARTITIONS: i32 = 4;
 /// How long the replay may take before the bench gives up on it.
 const REPLAY_LIMIT: Duration = Duration::from_secs(900);
 
-fn retention() -> Retention {
-    Retention::new(Duration::from_secs(24 * 3600), Duration::from_secs(30))
+/// A fresh token revocation for the preload.
+fn preload_event(i: u64, now: u64) -> Event {
+    token_event(i, now, now + 3600)
 }
 
-/// splitmix64: a well-mixed 64-bit value for each index, so identifiers arrive in random
-/// key order (sequential keys would flatter the B-tree).
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// A UUID-shaped identifier (36 characters, like most `jti`/`sid` values) for index `i`
-/// in namespace `ns`.
-fn ident(ns: u64, i: u64, out: &mut String) {
-    out.clear();
-    let a = mix(i ^ (ns << 56));
-    let b = mix(a ^ ns);
-    let _ = write!(
-        out,
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0xffff,
-        b >> 48,
-        b & 0xffff_ffff_ffff
-    );
-}
-
-fn id_of(ns: u64, i: u64) -> String {
-    let mut s = String::with_capacity(36);
-    ident(ns, i, &mut s);
-    s
-}
-
-// Identifier namespaces.
-const NS_TOKEN: u64 = 1;
-const NS_SUB: u64 = 2;
-const NS_SID: u64 = 3;
-const NS_MISS: u64 = 9;
-
-struct Xorshift(u64);
-
-impl Xorshift {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn token_event(i: u64, now: u64) -> Event {
-    Event {
-        id: format!("e{i}"),
-        event_time: now,
-        revocation: Revocation::Token {
-            iss: ISS.into(),
-            jti: id_of(NS_TOKEN, i),
-            exp: Some(now + 3600),
-        },
-        reason: None,
-    }
-}
-
-/// The mixed workload: 85% token, 5% each subject, session and client. Identifiers are
-/// fresh except clients, which are few in real life (500 here), so client events mostly
-/// merge into an existing entry.
+/// The mixed workload (see `workload::mixed_revocation`).
 fn mixed_event(i: u64, now: u64) -> Event {
-    let revocation = match i % 20 {
-        0 => Revocation::Subject {
-            iss: ISS.into(),
-            sub: id_of(NS_SUB, i),
-            not_before: now,
-        },
-        1 => Revocation::Session {
-            iss: ISS.into(),
-            sid: id_of(NS_SID, i),
-        },
-        2 => Revocation::Client {
-            iss: ISS.into(),
-            client_id: format!("client-{}", (i / 20) % 500),
-            not_before: now,
-        },
-        _ => Revocation::Token {
-            iss: ISS.into(),
-            jti: id_of(NS_TOKEN, i),
-            exp: Some(now + 3600),
-        },
-    };
     Event {
         id: format!("e{i}"),
         event_time: now,
-        revocation,
+        revocation: mixed_revocation(ISS, i, 0, now),
         reason: None,
     }
 }
 
-/// Applies events `range` built by `make` in batches of `BATCH`, with a position per
-/// batch as the real reader writes. Returns time spent inside `apply` (event
-/// construction excluded), (changed, unchanged, expired), and the slowest batch.
+/// Applies events `range` built by `make` in batches of `BATCH`. Returns time spent inside
+/// `apply` (event construction excluded), (changed, unchanged, expired), and the slowest
+/// batch.
 fn apply_all(
     d: &Denylist,
     range: std::ops::Range<u64>,
@@ -164,27 +75,13 @@ fn apply_all(
     let mut in_apply = Duration::ZERO;
     let mut slowest = Duration::ZERO;
     let mut outcome = [0usize; 3];
-    let mut start = range.start;
-    let mut batch_no = 0i64;
-    while start < range.end {
-        let end = (start + BATCH as u64).min(range.end);
-        let events: Vec<Event> = (start..end).map(|i| make(i, now)).collect();
-        let positions = [Position {
-            topic: TOPIC.into(),
-            partition: (batch_no % PARTITIONS as i64) as i32,
-            next_offset: end as i64,
-        }];
-        let t = Instant::now();
-        let out = d.apply(&events, &positions, now).expect("apply");
-        let took = t.elapsed();
+    apply_batches(d, range, now, make, |_, _, took, out| {
         in_apply += took;
         slowest = slowest.max(took);
         outcome[0] += out.changed;
         outcome[1] += out.unchanged;
         outcome[2] += out.already_expired;
-        start = end;
-        batch_no += 1;
-    }
+    });
     (in_apply, outcome, slowest)
 }
 
@@ -480,7 +377,7 @@ fn main() {
     // 1a. Preload.
     eprintln!("[apply] preloading {n} token revocations in batches of {BATCH}");
     let wall = Instant::now();
-    let (in_apply, out, slowest) = apply_all(&d, 0..n as u64, now, token_event);
+    let (in_apply, out, slowest) = apply_all(&d, 0..n as u64, now, preload_event);
     let wall = wall.elapsed();
     assert_eq!(d.sizes().token, n as u64, "every preloaded token is live");
     row(
@@ -552,30 +449,13 @@ fn main() {
             }
             stats(v).p50
         };
-        let mut rng = Xorshift(0x2545_F491_4F6C_DD1D);
-        let (mut jti, mut sid, mut sub) = (String::new(), String::new(), String::new());
+        let mut mix = LookupMix::new(n);
         let mut hit_ns = Vec::with_capacity(n_lookups / 2 + 1);
         let mut miss_ns = Vec::with_capacity(n_lookups / 2 + 1);
         let mut wrong = 0usize;
         let loop_start = Instant::now();
         for _ in 0..n_lookups {
-            let hit = rng.next() & 1 == 0;
-            if hit {
-                ident(NS_TOKEN, rng.below(n.max(1) as u64), &mut jti);
-            } else {
-                let k = rng.next();
-                ident(NS_MISS, k, &mut jti);
-                ident(NS_MISS, k ^ 1, &mut sid);
-                ident(NS_MISS, k ^ 2, &mut sub);
-            }
-            let token = TokenRef {
-                iss: ISS,
-                jti: Some(&jti),
-                sub: Some(&sub),
-                sid: Some(&sid),
-                client_id: Some("client-not-revoked"),
-                iat: Some(now),
-            };
+            let (token, hit) = mix.next(now);
             let t = Instant::now();
             let r = d.revoked_by(&token).expect("lookup");
             let ns = t.elapsed().as_nanos().min(u32::MAX as u128) as u32;

@@ -48,6 +48,8 @@ mod check_env;
 mod host;
 #[path = "support/http_client.rs"]
 mod http_client;
+#[path = "support/workload.rs"]
+mod workload;
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
@@ -69,18 +71,20 @@ use host::{cpu_model, env_count, env_f64, env_list, loadavg, proc_status_kib};
 use http_client::{contains, run_load, Client, Load, LoadSpec, Step};
 use revsync::app::{self, Listener};
 use revsync::config::{Config, KafkaConfig, StoreConfig, TopicConfig};
-use revsync::denylist::{Denylist, Position, Retention, TokenRef};
+use revsync::denylist::{Denylist, TokenRef};
 use revsync::dev::{issuer_router, DemoIssuer};
 use revsync::event::{Event, Revocation};
 use revsync::publish::Publisher;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
+use workload::{
+    apply_batches, id_of, mixed_revocation, retention, token_event, LookupMix, BATCH, NS_TOKEN,
+};
 
 const TOPIC: &str = "revocations";
 const PARTITIONS: u32 = 3;
 /// Lifetime of the bench issuer's tokens.
 const TOKEN_SECS: u64 = 7200;
-const BATCH: usize = 10_000;
 const CHILD_ENV: &str = "REVSYNC_TRADEOFF_CHILD";
 const PROBE_TOKENS: usize = 2_000;
 const PROBE_SECS: f64 = 0.5;
@@ -228,42 +232,6 @@ fn fmt_us(us: f64) -> String {
 fn fmt_opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
     v.map_or("-".into(), f)
 }
-
-// ---------------------------------------------------------------------------------------
-// Identifiers for generated events (as in benches/ingest.rs: UUID-shaped, random order)
-
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-fn ident(ns: u64, i: u64, out: &mut String) {
-    out.clear();
-    let a = mix(i ^ (ns << 56));
-    let b = mix(a ^ ns);
-    let _ = write!(
-        out,
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0xffff,
-        b >> 48,
-        b & 0xffff_ffff_ffff
-    );
-}
-
-fn id_of(ns: u64, i: u64) -> String {
-    let mut s = String::with_capacity(36);
-    ident(ns, i, &mut s);
-    s
-}
-
-const NS_TOKEN: u64 = 1;
-const NS_SUB: u64 = 2;
-const NS_SID: u64 = 3;
-const NS_MISS: u64 = 9;
 
 // ---------------------------------------------------------------------------------------
 // Processes: Tansu, oidc-provider
@@ -1175,27 +1143,8 @@ fn part_mixed(d: &Daemon, s: &Settings, report: &mut Report) {
                 let due = (t0.elapsed().as_secs_f64() * rate) as u64;
                 while sent < due {
                     let i = sent;
-                    let revocation = match i % 20 {
-                        0 => Revocation::Subject {
-                            iss: iss.clone(),
-                            sub: id_of(NS_SUB, i),
-                            not_before: now,
-                        },
-                        1 => Revocation::Session {
-                            iss: iss.clone(),
-                            sid: id_of(NS_SID, i),
-                        },
-                        2 => Revocation::Client {
-                            iss: iss.clone(),
-                            client_id: format!("client-{}", (i / 20) % 500),
-                            not_before: now,
-                        },
-                        _ => Revocation::Token {
-                            iss: iss.clone(),
-                            jti: id_of(NS_TOKEN, 1 << 40 | i),
-                            exp: Some(now + 3600),
-                        },
-                    };
+                    // Token jtis apart from the background revocations' (`id_of(NS_TOKEN, i)`).
+                    let revocation = mixed_revocation(&iss, i, 1 << 40, now);
                     d.publisher
                         .send(&revocation_event(format!("mixed-{i}"), revocation))
                         .expect("publish");
@@ -1357,12 +1306,6 @@ fn part_mixed(d: &Daemon, s: &Settings, report: &mut Report) {
 // ---------------------------------------------------------------------------------------
 // Part: scale (children)
 
-const SCALE_ISS: &str = "https://issuer.example.com/realms/bench";
-
-fn scale_retention() -> Retention {
-    Retention::new(Duration::from_secs(24 * 3600), Duration::from_secs(30))
-}
-
 fn cache_bytes() -> u64 {
     StoreConfig::default().cache_bytes
 }
@@ -1370,51 +1313,38 @@ fn cache_bytes() -> u64 {
 /// Child: preload `n` live token entries into a store at `dir`, time lookups, report RSS.
 fn child_scale(n: usize, dir: &Path, lookups: usize) -> Value {
     let rss0 = proc_status_kib("VmRSS:");
-    let d = Denylist::open(dir, cache_bytes(), scale_retention()).expect("open store");
+    let d = Denylist::open(dir, cache_bytes(), retention()).expect("open store");
     let now = revsync::unix_now();
-    let batches = n.div_ceil(BATCH);
+    let batches = n.div_ceil(BATCH) as u64;
     let tail_from = batches - (batches / 10).max(1);
     let (mut in_apply, mut tail, mut slowest) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     let mut tail_events = 0usize;
     let wall = Instant::now();
     let mut last_report = Instant::now();
-    for b in 0..batches {
-        let (start, end) = (b * BATCH, ((b + 1) * BATCH).min(n));
-        let events: Vec<Event> = (start..end)
-            .map(|i| Event {
-                id: format!("e{i}"),
-                event_time: now,
-                revocation: Revocation::Token {
-                    iss: SCALE_ISS.into(),
-                    jti: id_of(NS_TOKEN, i as u64),
-                    exp: Some(now + 3 * 3600),
-                },
-                reason: None,
-            })
-            .collect();
-        let positions = [Position {
-            topic: TOPIC.into(),
-            partition: (b % 4) as i32,
-            next_offset: end as i64,
-        }];
-        let t = Instant::now();
-        let out = d.apply(&events, &positions, now).expect("apply");
-        let took = t.elapsed();
-        assert_eq!(out.changed, events.len(), "every preloaded token is new");
-        in_apply += took;
-        slowest = slowest.max(took);
-        if b >= tail_from {
-            tail += took;
-            tail_events += events.len();
-        }
-        if last_report.elapsed() > Duration::from_secs(10) {
-            eprintln!(
-                "[scale {n}] {end} applied, {:.0} ev/s so far",
-                end as f64 / in_apply.as_secs_f64()
-            );
-            last_report = Instant::now();
-        }
-    }
+    let preload_event = |i, now| token_event(i, now, now + 3 * 3600);
+    apply_batches(
+        &d,
+        0..n as u64,
+        now,
+        preload_event,
+        |b, events, took, out| {
+            let (count, end) = ((events.end - events.start) as usize, events.end);
+            assert_eq!(out.changed, count, "every preloaded token is new");
+            in_apply += took;
+            slowest = slowest.max(took);
+            if b >= tail_from {
+                tail += took;
+                tail_events += count;
+            }
+            if last_report.elapsed() > Duration::from_secs(10) {
+                eprintln!(
+                    "[scale {n}] {end} applied, {:.0} ev/s so far",
+                    end as f64 / in_apply.as_secs_f64()
+                );
+                last_report = Instant::now();
+            }
+        },
+    );
     let wall = wall.elapsed();
     assert_eq!(d.sizes().token, n as u64, "every preloaded token is live");
     let t = Instant::now();
@@ -1424,35 +1354,11 @@ fn child_scale(n: usize, dir: &Path, lookups: usize) -> Value {
     let hwm = proc_status_kib("VmHWM:");
 
     // Lookups: half hits (a preloaded jti), half misses carrying jti, sid, sub, client_id.
-    let mut rng = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
-    let (mut jti, mut sid, mut sub) = (String::new(), String::new(), String::new());
+    let mut mix = LookupMix::new(n);
     let mut all = Vec::with_capacity(lookups);
     let mut wrong = 0usize;
     for _ in 0..lookups {
-        let r = next();
-        let hit = r & 1 == 0;
-        if hit {
-            ident(NS_TOKEN, (r >> 1) % n.max(1) as u64, &mut jti);
-        } else {
-            let k = next();
-            ident(NS_MISS, k, &mut jti);
-            ident(NS_MISS, k ^ 1, &mut sid);
-            ident(NS_MISS, k ^ 2, &mut sub);
-        }
-        let token = TokenRef {
-            iss: SCALE_ISS,
-            jti: Some(&jti),
-            sub: Some(&sub),
-            sid: Some(&sid),
-            client_id: Some("client-not-revoked"),
-            iat: Some(now),
-        };
+        let (token, hit) = mix.next(now);
         let t = Instant::now();
         let found = d.revoked_by(std::hint::black_box(&token)).expect("lookup");
         all.push(t.elapsed().as_nanos() as u64);
@@ -1490,13 +1396,13 @@ fn child_scale(n: usize, dir: &Path, lookups: usize) -> Value {
 fn child_startup(n: usize, dir: &Path) -> Value {
     let rss0 = proc_status_kib("VmRSS:");
     let t = Instant::now();
-    let d = Denylist::open(dir, cache_bytes(), scale_retention()).expect("open store");
+    let d = Denylist::open(dir, cache_bytes(), retention()).expect("open store");
     let open = t.elapsed();
     let rss = proc_status_kib("VmRSS:");
     assert_eq!(d.sizes().token, n as u64, "entries after reopening");
     let jti = id_of(NS_TOKEN, (n / 2) as u64);
     let token = TokenRef {
-        iss: SCALE_ISS,
+        iss: workload::ISS,
         jti: Some(&jti),
         ..TokenRef::default()
     };
