@@ -20,20 +20,21 @@
 //! 4. replay of N native events from the earliest offset of a real Tansu broker into a
 //!    fresh store through `ingest::spawn`.
 
+#[path = "../tests/common/broker.rs"]
+#[allow(dead_code)]
+mod broker;
 #[path = "support/host.rs"]
 mod host;
 #[path = "support/workload.rs"]
 mod workload;
 
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use host::{env_count, proc_status_kib, process_cpu_ns};
-use revsync::config::{KafkaConfig, TopicConfig};
+use broker::Broker;
+use host::{child_pid, env_count, proc_status_kib, process_cpu_ns};
+use revsync::config::KafkaConfig;
 use revsync::denylist::Denylist;
 use revsync::event::Event;
 use revsync::ingest::{self, IngestState};
@@ -43,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 use workload::{apply_batches, mixed_revocation, retention, token_event, LookupMix, BATCH, ISS};
 
 const CACHE_BYTES: u64 = 256 << 20;
+/// The default topic of `KafkaConfig::new`, which the replay reads.
 const TOPIC: &str = "revocations";
 const PARTITIONS: i32 = 4;
 /// How long the replay may take before the bench gives up on it.
@@ -117,108 +119,15 @@ fn stats(mut ns: Vec<u32>) -> LookupStats {
     }
 }
 
-// ---- Tansu ---------------------------------------------------------------------------
+// ---- replay --------------------------------------------------------------------------
 
-fn tansu_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("REVSYNC_TANSU") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-    let cached = Path::new(&home).join(".cache/revsync/tansu-0.6.0/bin/tansu");
-    if cached.exists() {
-        return cached;
-    }
-    PathBuf::from("tansu")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn wait_for_port(port: u16, timeout: Duration) -> bool {
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
-
-/// A Tansu broker with in-memory storage, killed on drop (panics included).
-struct Broker {
-    child: Child,
-    port: u16,
-}
-
-impl Broker {
-    fn start() -> Result<Self, String> {
-        let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(tansu_bin())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "memory://tansu/",
-            ])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", tansu_bin().display()))?;
-        let broker = Broker { child, port };
-        if !wait_for_port(port, Duration::from_secs(20)) {
-            return Err(format!("tansu did not listen on {port}"));
-        }
-        Ok(broker)
-    }
-
-    fn url(&self) -> String {
-        format!("tcp://127.0.0.1:{}", self.port)
-    }
-
-    fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn create_topic(&self, name: &str, partitions: i32) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let out = Command::new(tansu_bin())
-                .args(["topic", "create", name, "--partitions"])
-                .arg(partitions.to_string())
-                .args(["--broker", &self.url()])
-                .env("RUST_LOG", "warn")
-                .output()
-                .expect("run tansu topic create");
-            if out.status.success() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "tansu topic create {name} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The text of a caught panic.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panicked".into())
 }
 
 /// Ingest threads, stopped and joined on drop: librdkafka threads alive at process exit
@@ -248,17 +157,10 @@ struct Replay {
 }
 
 fn replay(n: usize) -> Result<Replay, String> {
-    let broker = Broker::start()?;
+    // A Tansu broker with in-memory storage; one that cannot start skips the replay.
+    let broker = std::panic::catch_unwind(Broker::memory).map_err(|e| panic_text(&*e))?;
     broker.create_topic(TOPIC, PARTITIONS);
-    let kafka = {
-        let mut k = KafkaConfig::new(broker.bootstrap());
-        k.topics = vec![TopicConfig {
-            name: TOPIC.into(),
-            format: Default::default(),
-            issuer: None,
-        }];
-        k
-    };
+    let kafka = KafkaConfig::new(broker.bootstrap());
 
     let now = revsync::unix_now();
     eprintln!("[replay] publishing {n} events to {TOPIC} ({PARTITIONS} partitions)");
@@ -284,9 +186,10 @@ fn replay(n: usize) -> Result<Replay, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let denylist =
         Arc::new(Denylist::open(dir.path(), CACHE_BYTES, retention()).map_err(|e| e.to_string())?);
-    let broker_pid = broker.child.id();
+    // tests/common/broker.rs keeps its process to itself: find it among this one's children.
+    let broker_pid = child_pid("tansu");
     let cpu_secs = |pid: u32| process_cpu_ns(pid) as f64 / 1e9;
-    let broker_cpu0 = cpu_secs(broker_pid);
+    let broker_cpu0 = broker_pid.map(cpu_secs);
     let self_cpu0 = cpu_secs(std::process::id());
     let stop = CancellationToken::new();
     let t = Instant::now();
@@ -332,7 +235,10 @@ fn replay(n: usize) -> Result<Replay, String> {
         std::thread::sleep(Duration::from_millis(50));
     }
     let replay_secs = t.elapsed().as_secs_f64();
-    let broker_cpu = Some(cpu_secs(broker_pid) - broker_cpu0);
+    let broker_cpu = broker_pid
+        .map(cpu_secs)
+        .zip(broker_cpu0)
+        .map(|(a, b)| a - b);
     let self_cpu = Some(cpu_secs(std::process::id()) - self_cpu0);
     drop(ingesting);
     let rss_after_kib = proc_status_kib("VmRSS:");

@@ -6,78 +6,28 @@
 //!
 //! `cargo bench --bench propagation` (REVSYNC_BENCH_REVOCATIONS=N, default 1000).
 
+#[path = "../tests/common/broker.rs"]
+#[allow(dead_code)]
+mod broker;
 #[path = "support/host.rs"]
 mod host;
 
-use std::net::TcpListener as StdListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use broker::Broker;
 use revsync::app::{self, Listener};
-use revsync::config::{Config, KafkaConfig, TopicConfig};
+use revsync::config::{Config, KafkaConfig};
 use revsync::dev::{issuer_router, DemoIssuer};
 use revsync::event::{Event, Revocation};
 use revsync::publish::Publisher;
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-struct Tansu(Child);
-impl Drop for Tansu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn tansu_bin() -> PathBuf {
-    std::env::var_os("REVSYNC_TANSU")
-        .map(PathBuf::from)
-        .unwrap_or_else(revsync::dev::tansu_path)
-}
-
-fn start_tansu() -> (Tansu, u16) {
-    let port = StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let child = Command::new(tansu_bin())
-        .args([
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-        ])
-        .args(["--storage-engine", "memory://tansu/"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start tansu (bash .ci/run installs it)");
-    let guard = Tansu(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "tansu did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let ok = Command::new(tansu_bin())
-        .args([
-            "topic",
-            "create",
-            "revocations",
-            "--partitions",
-            "3",
-            "--broker",
-            &url,
-        ])
-        .stderr(Stdio::null())
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "topic create");
-    (guard, port)
+/// `POST /v1/check` of `body` at `api`: the JSON answer.
+async fn check(client: &reqwest::Client, api: &str, body: &Value) -> Value {
+    let response = client.post(api).json(body).send().await.unwrap();
+    response.json().await.unwrap()
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -90,8 +40,10 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
-    let (_tansu, broker_port) = start_tansu();
-    let brokers = format!("127.0.0.1:{broker_port}");
+    // Tansu (memory engine) on a free loopback port; the daemon reads the default topic.
+    let broker = Broker::memory();
+    broker.create_topic("revocations", 3);
+    let brokers = broker.bootstrap();
 
     let issuer_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let issuer_url = format!("http://{}", issuer_listener.local_addr().unwrap());
@@ -101,11 +53,6 @@ async fn main() {
 
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::new(brokers.clone(), dir.path().join("store"));
-    config.kafka.topics = vec![TopicConfig {
-        name: "revocations".into(),
-        format: Default::default(),
-        issuer: None,
-    }];
     config.issuers.push(issuer.config());
     let fetch_wait = config.kafka.fetch_wait_max;
     let listener = Listener::bind("127.0.0.1:0").await.unwrap();
@@ -138,15 +85,7 @@ async fn main() {
     let mut polls = 0u64;
     for (token, jti) in &tokens {
         let body = serde_json::json!({ "token": token });
-        let answer: serde_json::Value = client
-            .post(&api)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let answer = check(&client, &api, &body).await;
         assert_eq!(answer["active"], true, "token active before its revocation");
         let event = Event {
             id: revsync::publish::new_event_id(),
@@ -166,16 +105,7 @@ async fn main() {
             .unwrap();
         loop {
             polls += 1;
-            let answer: serde_json::Value = client
-                .post(&api)
-                .json(&body)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if answer["reason"] == "revoked" {
+            if check(&client, &api, &body).await["reason"] == "revoked" {
                 break;
             }
             assert!(

@@ -42,6 +42,9 @@
 //! an answer is wrong (a broken path must not produce a fast figure), except in the mixed
 //! part, where wrong answers are what is being counted.
 
+#[path = "../tests/common/broker.rs"]
+#[allow(dead_code)]
+mod broker;
 #[path = "support/check_env.rs"]
 mod check_env;
 #[path = "support/host.rs"]
@@ -53,7 +56,7 @@ mod workload;
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -64,13 +67,14 @@ use axum::routing::post;
 use axum::Router;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
+use broker::Broker;
 use check_env::{
     claims, judge, mint, serve_jwks, BenchKey, Expect, CLIENT_THREADS, SERVER_THREADS,
 };
 use host::{cpu_model, env_count, env_f64, env_list, loadavg, proc_status_kib};
 use http_client::{contains, run_load, Client, Load, LoadSpec, Step};
 use revsync::app::{self, Listener};
-use revsync::config::{Config, KafkaConfig, StoreConfig, TopicConfig};
+use revsync::config::{Config, KafkaConfig, StoreConfig};
 use revsync::denylist::{Denylist, TokenRef};
 use revsync::dev::{issuer_router, DemoIssuer};
 use revsync::event::{Event, Revocation};
@@ -81,8 +85,9 @@ use workload::{
     apply_batches, id_of, mixed_revocation, retention, token_event, LookupMix, BATCH, NS_TOKEN,
 };
 
+/// The default topic of `KafkaConfig::new`, which the daemon reads.
 const TOPIC: &str = "revocations";
-const PARTITIONS: u32 = 3;
+const PARTITIONS: i32 = 3;
 /// Lifetime of the bench issuer's tokens.
 const TOKEN_SECS: u64 = 7200;
 const CHILD_ENV: &str = "REVSYNC_TRADEOFF_CHILD";
@@ -234,7 +239,7 @@ fn fmt_opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
 }
 
 // ---------------------------------------------------------------------------------------
-// Processes: Tansu, oidc-provider
+// Processes
 
 /// A child process killed (by its own id) and reaped on drop.
 struct Guard(Child);
@@ -244,71 +249,6 @@ impl Drop for Guard {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn wait_for_port(port: u16, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
-
-/// Tansu with in-memory storage on a free loopback port, topic `revocations` created.
-fn start_tansu() -> (Guard, u16) {
-    let bin = revsync::dev::tansu_path();
-    assert!(
-        bin.exists(),
-        "no Tansu broker at {} (bash .ci/run or `cargo run --release -- dev` installs it; or set REVSYNC_TANSU)",
-        bin.display()
-    );
-    let port = free_port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let child = Command::new(&bin)
-        .args(["broker", "--listener-url", &url])
-        .args(["--advertised-listener-url", &url])
-        .args(["--storage-engine", "memory://tansu/"])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start tansu");
-    let guard = Guard(child);
-    assert!(
-        wait_for_port(port, Duration::from_secs(20)),
-        "tansu did not start"
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = Command::new(&bin)
-            .args(["topic", "create", TOPIC, "--partitions"])
-            .arg(PARTITIONS.to_string())
-            .args(["--broker", &url])
-            .env("RUST_LOG", "warn")
-            .output()
-            .expect("run tansu topic create");
-        if out.status.success() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "tansu topic create failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    (guard, port)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -325,7 +265,7 @@ struct Daemon {
     publisher: Publisher,
     stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    _broker: Guard,
+    _broker: Broker,
     _dir: tempfile::TempDir,
 }
 
@@ -388,8 +328,10 @@ fn check_once(c: &mut Client, bearer: &str) -> Result<(u16, Vec<u8>), String> {
 impl Daemon {
     fn start(rt: &tokio::runtime::Runtime, s: &Settings) -> Daemon {
         let t = Instant::now();
-        let (broker, port) = start_tansu();
-        let brokers = format!("127.0.0.1:{port}");
+        // Tansu with in-memory storage on a free loopback port, topic `revocations`.
+        let broker = Broker::memory();
+        broker.create_topic(TOPIC, PARTITIONS);
+        let brokers = broker.bootstrap();
         let rsa = BenchKey::rsa("bench-rsa");
         let ec = BenchKey::p256("bench-ec");
         let (floor, bench, demo, demo_iss) = rt.block_on(async {
@@ -432,11 +374,6 @@ impl Daemon {
 
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::new(brokers, dir.path().join("store"));
-        config.kafka.topics = vec![TopicConfig {
-            name: TOPIC.into(),
-            format: Default::default(),
-            issuer: None,
-        }];
         config.issuers = vec![bench, demo.config()];
         let stop = CancellationToken::new();
         let (api, task) = rt.block_on(async {
@@ -467,7 +404,8 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(50));
         }
         eprintln!(
-            "[set-up] Tansu on {port}, daemon on {api}, {} background revocations applied, in {:.1} s",
+            "[set-up] Tansu on {}, daemon on {api}, {} background revocations applied, in {:.1} s",
+            broker.port,
             s.revoked,
             t.elapsed().as_secs_f64()
         );
