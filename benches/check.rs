@@ -26,8 +26,8 @@
 //! state marked caught up (max staleness 24 h) and a verified-token cache of 100k, plus
 //! `POST /empty` (a static JSON answer) on the same router and listener: the floor (c).
 //! Clients are plain threads (`bench-cli-N`), one keep-alive connection each, speaking
-//! minimal HTTP/1.1 over `std::net::TcpStream`; every answer's status and body are
-//! checked. Besides latency and throughput, the CPU time of the server threads and of
+//! minimal HTTP/1.1 over `std::net::TcpStream` (benches/support/http_client.rs); every
+//! answer's status and body are checked. Besides latency and throughput, the CPU time of the server threads and of
 //! the client threads (`/proc/<tid>/schedstat`) over the measured window is divided by
 //! the requests measured, which separates the server's cost from the client's on a
 //! machine where both share the cores.

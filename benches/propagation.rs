@@ -4,7 +4,8 @@
 //! in-process; then, one at a time, publishes a revocation for a token that is active
 //! and polls `POST /v1/check` over keep-alive until it answers `revoked`.
 //!
-//! `cargo bench --bench propagation` (REVSYNC_BENCH_REVOCATIONS=N, default 1000).
+//! `cargo bench --bench propagation` (REVSYNC_BENCH_REVOCATIONS=N, default 1000;
+//! `REVSYNC_TANSU`: the Tansu binary, else the `.ci/run` cache, else `tansu` on PATH).
 
 #[path = "../tests/common/broker.rs"]
 #[allow(dead_code)]

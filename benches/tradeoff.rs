@@ -35,7 +35,8 @@
 //! - `REVSYNC_BENCH_MIXED_SECS` (60), `REVSYNC_BENCH_INGEST_RATE` (11000 events/s);
 //! - `REVSYNC_BENCH_SCALE` (`100000,1000000,10000000`), `REVSYNC_BENCH_LOOKUPS`
 //!   (1000000 per size), `REVSYNC_BENCH_STARTUP` (1000000; 0 skips);
-//! - `REVSYNC_BENCH_NODE` (`node`), `REVSYNC_TANSU` (the `.ci/run` cache).
+//! - `REVSYNC_BENCH_NODE` (`node`), `REVSYNC_TANSU` (else the `.ci/run` cache, else `tansu`
+//!   on PATH).
 //!
 //! Prints a Markdown report (machine, exact command, tables, each issue target met or
 //! missed and by how much) and writes it to `target/tradeoff-results.md`. Fails only when
