@@ -26,79 +26,47 @@
 //! state marked caught up (max staleness 24 h) and a verified-token cache of 100k, plus
 //! `POST /empty` (a static JSON answer) on the same router and listener: the floor (c).
 //! Clients are plain threads (`bench-cli-N`), one keep-alive connection each, speaking
-//! minimal HTTP/1.1 over `std::net::TcpStream`; every answer's status and body are
-//! checked. Besides latency and throughput, the CPU time of the server threads and of
+//! minimal HTTP/1.1 over `std::net::TcpStream` (benches/support/http_client.rs); every
+//! answer's status and body are checked. Besides latency and throughput, the CPU time of the server threads and of
 //! the client threads (`/proc/<tid>/schedstat`) over the measured window is divided by
 //! the requests measured, which separates the server's cost from the client's on a
 //! machine where both share the cores.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+#[path = "support/check_env.rs"]
+mod check_env;
+#[path = "support/host.rs"]
+mod host;
+#[path = "support/http_client.rs"]
+mod http_client;
+
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::signature::{self as sig, EcdsaKeyPair, KeyPair as _, ParsedPublicKey};
-use axum::http::header;
-use axum::response::IntoResponse;
-use axum::routing::{get, post};
-use axum::Router;
+use axum::routing::post;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use jsonwebtoken::{Algorithm, DecodingKey};
+use check_env::{
+    claims, judge, mint, serve_jwks, BenchKey, Expect, CLIENT_THREADS, SERVER_THREADS,
+};
+use host::{cpu_model, env_count, env_f64, env_list, loadavg};
+use http_client::{run_load, Client, LoadSpec, Step};
 use revsync::api::{AppState, Checker, Decision};
-use revsync::config::{FreshnessConfig, IssuerConfig, OnStale};
+use revsync::config::{FreshnessConfig, OnStale};
 use revsync::denylist::{Denylist, Retention};
 use revsync::event::{Event, Revocation};
 use revsync::freshness::Freshness;
 use revsync::ingest::IngestState;
 use revsync::metrics::Metrics;
 use revsync::token::TokenValidator;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-const AUD: &str = "bench-api";
 const CACHE_CAPACITY: u64 = 100_000;
-const EMPTY_BODY: &str = r#"{"active":true}"#;
-const SERVER_THREADS: &str = "srv-worker";
-const CLIENT_THREADS: &str = "bench-cli-";
 const PROBE_TOKENS: usize = 5_000;
 const PROBE_SECS: f64 = 0.5;
-
-// ---------------------------------------------------------------------------------------
-// Environment
-
-fn env_f64(name: &str, default: f64) -> f64 {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v}: not a number")),
-        Err(_) => default,
-    }
-}
-
-fn env_count(name: &str) -> Option<usize> {
-    std::env::var(name).ok().map(|v| {
-        v.replace('_', "")
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v}: not a count"))
-    })
-}
-
-fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .split(',')
-            .map(|s| {
-                s.trim()
-                    .parse()
-                    .unwrap_or_else(|_| panic!("{name}={v}: not a list of counts"))
-            })
-            .collect(),
-        Err(_) => default.to_vec(),
-    }
-}
+/// Lifetime of the minted tokens.
+const TOKEN_SECS: u64 = 3600;
 
 struct Settings {
     warmup: Duration,
@@ -117,174 +85,6 @@ impl Settings {
         let tag = scenario[1..].split(')').next().unwrap_or("");
         self.scenarios.iter().any(|s| s == tag)
     }
-}
-
-// ---------------------------------------------------------------------------------------
-// Keys and tokens (signing with aws-lc-rs directly: jsonwebtoken re-parses an RSA private
-// key on every signature, which would make minting far slower)
-
-/// (tag, content, rest) of one DER TLV.
-fn der_tlv(input: &[u8]) -> (u8, &[u8], &[u8]) {
-    let tag = input[0];
-    let (len, head) = if input[1] & 0x80 == 0 {
-        (input[1] as usize, 2)
-    } else {
-        let n = (input[1] & 0x7f) as usize;
-        let len = input[2..2 + n]
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
-        (len, 2 + n)
-    };
-    (tag, &input[head..head + len], &input[head + len..])
-}
-
-/// (n, e) of a PKCS#1 `RSAPublicKey`, without leading zero bytes.
-fn rsa_public_components(der: &[u8]) -> (Vec<u8>, Vec<u8>) {
-    let (_, seq, _) = der_tlv(der);
-    let (_, n, rest) = der_tlv(seq);
-    let (_, e, _) = der_tlv(rest);
-    let strip = |b: &[u8]| b[b.iter().position(|x| *x != 0).unwrap_or(b.len())..].to_vec();
-    (strip(n), strip(e))
-}
-
-fn b64url(bytes: &[u8]) -> String {
-    URL_SAFE_NO_PAD.encode(bytes)
-}
-
-enum SigningKey {
-    Rsa(aws_lc_rs::rsa::KeyPair),
-    Ec(EcdsaKeyPair),
-}
-
-/// A signing key with everything the bench needs about its public half.
-struct BenchKey {
-    alg: Algorithm,
-    name: &'static str,
-    signing: SigningKey,
-    /// base64url of `{"alg", "typ": "JWT", "kid"}`.
-    header_b64: String,
-    jwk: serde_json::Value,
-    /// What revsync builds from the JWK (`token.rs`, `parse_jwk`).
-    decoding: DecodingKey,
-    /// The same public key parsed once by aws-lc-rs.
-    parsed: ParsedPublicKey,
-}
-
-impl BenchKey {
-    fn rsa(kid: &str) -> Self {
-        let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
-        let public = pair.public_key().as_ref().to_vec();
-        let (n, e) = rsa_public_components(&public);
-        let jwk = json!({
-            "kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256",
-            "n": b64url(&n), "e": b64url(&e),
-        });
-        BenchKey {
-            alg: Algorithm::RS256,
-            name: "RS256",
-            signing: SigningKey::Rsa(pair),
-            header_b64: b64url(
-                json!({"alg": "RS256", "typ": "JWT", "kid": kid})
-                    .to_string()
-                    .as_bytes(),
-            ),
-            jwk,
-            decoding: DecodingKey::from_rsa_raw_components(&n, &e),
-            parsed: ParsedPublicKey::new(&sig::RSA_PKCS1_2048_8192_SHA256, &public).unwrap(),
-        }
-    }
-
-    fn p256(kid: &str) -> Self {
-        let signing = &sig::ECDSA_P256_SHA256_FIXED_SIGNING;
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(signing, &SystemRandom::new()).unwrap();
-        let pair = EcdsaKeyPair::from_pkcs8(signing, pkcs8.as_ref()).unwrap();
-        let point = pair.public_key().as_ref().to_vec();
-        let (x, y) = (b64url(&point[1..33]), b64url(&point[33..65]));
-        let jwk = json!({
-            "kty": "EC", "kid": kid, "use": "sig", "alg": "ES256", "crv": "P-256",
-            "x": x, "y": y,
-        });
-        BenchKey {
-            alg: Algorithm::ES256,
-            name: "ES256",
-            signing: SigningKey::Ec(pair),
-            header_b64: b64url(
-                json!({"alg": "ES256", "typ": "JWT", "kid": kid})
-                    .to_string()
-                    .as_bytes(),
-            ),
-            jwk,
-            decoding: DecodingKey::from_ec_components(&x, &y).unwrap(),
-            parsed: ParsedPublicKey::new(&sig::ECDSA_P256_SHA256_FIXED, &point).unwrap(),
-        }
-    }
-
-    /// A compact JWS over `claims` (JSON text).
-    fn sign(&self, claims: &str) -> String {
-        let mut token = String::with_capacity(self.header_b64.len() + claims.len() * 4 / 3 + 400);
-        token.push_str(&self.header_b64);
-        token.push('.');
-        URL_SAFE_NO_PAD.encode_string(claims.as_bytes(), &mut token);
-        let signature = match &self.signing {
-            SigningKey::Rsa(pair) => {
-                let mut s = vec![0; pair.public_modulus_len()];
-                pair.sign(
-                    &sig::RSA_PKCS1_SHA256,
-                    &SystemRandom::new(),
-                    token.as_bytes(),
-                    &mut s,
-                )
-                .unwrap();
-                s
-            }
-            SigningKey::Ec(pair) => pair
-                .sign(&SystemRandom::new(), token.as_bytes())
-                .unwrap()
-                .as_ref()
-                .to_vec(),
-        };
-        token.push('.');
-        URL_SAFE_NO_PAD.encode_string(&signature, &mut token);
-        token
-    }
-}
-
-/// Access-token claims of a typical shape (valid for an hour).
-fn claims(iss: &str, jti: &str) -> String {
-    let now = revsync::unix_now();
-    format!(
-        r#"{{"iss":"{iss}","aud":"{AUD}","sub":"alice","client_id":"bench-app","scope":"read write","jti":"{jti}","iat":{now},"exp":{}}}"#,
-        now + 3600
-    )
-}
-
-/// `n` unique tokens (jti `{prefix}-{i}` for `i` in `from..from + n`), signed on every core.
-fn mint(
-    key: &BenchKey,
-    iss: &str,
-    prefix: &str,
-    from: usize,
-    n: usize,
-    cores: usize,
-) -> Vec<String> {
-    let per = n.div_ceil(cores.max(1)).max(1);
-    std::thread::scope(|s| {
-        let parts: Vec<_> = (0..n)
-            .step_by(per)
-            .map(|start| {
-                let end = (start + per).min(n);
-                s.spawn(move || {
-                    (start..end)
-                        .map(|i| key.sign(&claims(iss, &format!("{prefix}-{:09}", from + i))))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        parts
-            .into_iter()
-            .flat_map(|h| h.join().expect("minting thread"))
-            .collect()
-    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -363,29 +163,9 @@ struct Server {
     sizes: revsync::denylist::Sizes,
 }
 
-async fn empty() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], EMPTY_BODY)
-}
-
 async fn start_server(keys: &[&BenchKey], revoked_jtis: &[String]) -> (Server, CancellationToken) {
-    // The JWKS server.
-    let jwks: &'static str = Box::leak(
-        json!({"keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()})
-            .to_string()
-            .into_boxed_str(),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let jwks_addr = listener.local_addr().unwrap();
-    let app = Router::new().route(
-        "/jwks",
-        get(move || async move { ([(header::CONTENT_TYPE, "application/json")], jwks) }),
-    );
-    tokio::spawn(async move { axum::serve(listener, app).await });
-
-    let iss = format!("http://{jwks_addr}");
-    let mut issuer = IssuerConfig::new(iss.clone(), AUD);
-    issuer.jwks_uri = Some(format!("{iss}/jwks"));
-    issuer.algorithms = vec!["RS256".into(), "ES256".into()];
+    let issuer = serve_jwks(keys).await;
+    let iss = issuer.issuer.clone();
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
     let http = reqwest::Client::builder()
@@ -459,7 +239,7 @@ async fn start_server(keys: &[&BenchKey], revoked_jtis: &[String]) -> (Server, C
         checker: checker.clone(),
         max_body_bytes: 16 * 1024,
     })
-    .route("/empty", post(empty));
+    .route("/empty", post(check_env::empty));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -476,163 +256,15 @@ async fn start_server(keys: &[&BenchKey], revoked_jtis: &[String]) -> (Server, C
 }
 
 // ---------------------------------------------------------------------------------------
-// Client side: minimal HTTP/1.1 keep-alive
-
-struct Client {
-    stream: TcpStream,
-    host: String,
-    req: Vec<u8>,
-    buf: Vec<u8>,
-}
-
-impl Client {
-    fn connect(addr: SocketAddr) -> Self {
-        let stream = TcpStream::connect(addr).expect("connect");
-        stream.set_nodelay(true).unwrap();
-        Client {
-            stream,
-            host: addr.to_string(),
-            req: Vec::with_capacity(2048),
-            buf: vec![0; 8192],
-        }
-    }
-
-    /// One request; returns the status and the body.
-    fn post(&mut self, path: &str, token: &str) -> (u16, &[u8]) {
-        self.req.clear();
-        self.req.extend_from_slice(b"POST ");
-        self.req.extend_from_slice(path.as_bytes());
-        self.req.extend_from_slice(b" HTTP/1.1\r\nHost: ");
-        self.req.extend_from_slice(self.host.as_bytes());
-        self.req.extend_from_slice(b"\r\nAuthorization: Bearer ");
-        self.req.extend_from_slice(token.as_bytes());
-        self.req.extend_from_slice(b"\r\nContent-Length: 0\r\n\r\n");
-        self.stream.write_all(&self.req).expect("write request");
-
-        let mut filled = 0;
-        let head_end = loop {
-            if filled == self.buf.len() {
-                self.buf.resize(self.buf.len() * 2, 0);
-            }
-            let n = self
-                .stream
-                .read(&mut self.buf[filled..])
-                .expect("read response");
-            assert!(n > 0, "server closed the connection");
-            let from = filled.saturating_sub(3);
-            filled += n;
-            if let Some(p) = self.buf[from..filled]
-                .windows(4)
-                .position(|w| w == b"\r\n\r\n")
-            {
-                break from + p + 4;
-            }
-        };
-        let head = &self.buf[..head_end];
-        assert!(head.starts_with(b"HTTP/1.1 "), "not an HTTP/1.1 answer");
-        let status = std::str::from_utf8(&head[9..12])
-            .ok()
-            .and_then(|s| s.parse::<u16>().ok())
-            .expect("status code");
-        let len = head
-            .split(|b| *b == b'\n')
-            .find_map(|line| {
-                let (name, value) = line.split_at(line.iter().position(|b| *b == b':')?);
-                name.eq_ignore_ascii_case(b"content-length")
-                    .then(|| {
-                        std::str::from_utf8(&value[1..])
-                            .ok()?
-                            .trim()
-                            .parse::<usize>()
-                            .ok()
-                    })
-                    .flatten()
-            })
-            .expect("answer without Content-Length");
-        let total = head_end + len;
-        if self.buf.len() < total {
-            self.buf.resize(total, 0);
-        }
-        while filled < total {
-            let n = self
-                .stream
-                .read(&mut self.buf[filled..total])
-                .expect("read body");
-            assert!(n > 0, "server closed the connection");
-            filled += n;
-        }
-        assert_eq!(filled, total, "bytes after the answer");
-        (status, &self.buf[head_end..total])
-    }
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Expect {
-    Empty,
-    Active,
-    Revoked,
-}
-
-fn check_answer(expect: Expect, status: u16, body: &[u8]) {
-    let ok = status == 200
-        && match expect {
-            Expect::Empty => body == EMPTY_BODY.as_bytes(),
-            Expect::Active => {
-                contains(body, br#""active":true"#) && contains(body, br#""sub":"alice""#)
-            }
-            Expect::Revoked => {
-                contains(body, br#""active":false"#) && contains(body, br#""reason":"revoked""#)
-            }
-        };
-    assert!(
-        ok,
-        "unexpected answer: status {status}, body {}",
-        String::from_utf8_lossy(body)
-    );
-}
+// Runs
 
 #[derive(Clone, Copy)]
 enum Tokens<'a> {
-    /// The same token every time.
+    /// The same `Authorization` value every time.
     Same(&'a str),
-    /// Each request takes the next unused token of the pool.
+    /// Each request takes the next unused value of the pool.
     Pool(&'a [String], &'a AtomicUsize),
 }
-
-// ---------------------------------------------------------------------------------------
-// CPU time per thread (`/proc/<tid>/schedstat`: nanoseconds on CPU)
-
-fn schedstat_ns(dir: &std::path::Path) -> u64 {
-    std::fs::read_to_string(dir.join("schedstat"))
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// Total CPU time of this process's threads whose name starts with `prefix`.
-fn threads_cpu_ns(prefix: &str) -> u64 {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
-        })
-        .map(|t| schedstat_ns(&t.path()))
-        .sum()
-}
-
-fn own_cpu_ns() -> u64 {
-    schedstat_ns(std::path::Path::new("/proc/thread-self"))
-}
-
-// ---------------------------------------------------------------------------------------
-// Runs
 
 struct Run {
     scenario: &'static str,
@@ -652,69 +284,12 @@ struct Run {
     cache_misses: u64,
 }
 
-struct ClientOut {
-    latencies_ns: Vec<u64>,
-    issued: usize,
-    cpu_ns: u64,
+fn srv_cpu() -> u64 {
+    host::threads_cpu_ns(SERVER_THREADS)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn client_loop(
-    addr: SocketAddr,
-    path: &str,
-    expect: Expect,
-    tokens: Tokens<'_>,
-    measure_from: Instant,
-    deadline: Instant,
-    exhausted: &OnceLock<Instant>,
-) -> ClientOut {
-    let mut client = Client::connect(addr);
-    let mut latencies_ns = Vec::with_capacity(1 << 16);
-    let mut issued = 0;
-    let mut cpu_start = None;
-    loop {
-        let t0 = Instant::now();
-        if t0 >= deadline || exhausted.get().is_some() {
-            break;
-        }
-        let measured = t0 >= measure_from;
-        if measured && cpu_start.is_none() {
-            cpu_start = Some(own_cpu_ns());
-        }
-        let token = match tokens {
-            Tokens::Same(t) => t,
-            Tokens::Pool(pool, next) => match pool.get(next.fetch_add(1, Ordering::Relaxed)) {
-                Some(t) => t.as_str(),
-                None => {
-                    exhausted.get_or_init(Instant::now);
-                    break;
-                }
-            },
-        };
-        let t0 = Instant::now();
-        let (status, body) = client.post(path, token);
-        let elapsed = t0.elapsed();
-        check_answer(expect, status, body);
-        issued += 1;
-        if measured {
-            latencies_ns.push(elapsed.as_nanos() as u64);
-        }
-    }
-    ClientOut {
-        latencies_ns,
-        issued,
-        cpu_ns: cpu_start.map_or(0, |s| own_cpu_ns().saturating_sub(s)),
-    }
-}
-
-fn percentile_us(sorted_ns: &[u64], p: f64) -> f64 {
-    if sorted_ns.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted_ns.len() as f64 * p) as usize).min(sorted_ns.len() - 1);
-    sorted_ns[i] as f64 / 1000.0
-}
-
+/// One run of `concurrency` clients (benches/support/http_client.rs) sending `POST path`
+/// with `tokens`; panics on a wrong answer or a failed request.
 #[allow(clippy::too_many_arguments)]
 fn run(
     server: &Server,
@@ -727,72 +302,45 @@ fn run(
     measure: Duration,
 ) -> Run {
     let misses_before = server.metrics.cache_misses.get();
-    let exhausted = OnceLock::new();
-    let start = Instant::now();
-    let measure_from = start + warmup;
-    let deadline = measure_from + measure;
-    let (outs, srv_ns) = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..concurrency)
-            .map(|i| {
-                let exhausted = &exhausted;
-                std::thread::Builder::new()
-                    .name(format!("{CLIENT_THREADS}{i}"))
-                    .spawn_scoped(s, move || {
-                        client_loop(
-                            server.addr,
-                            path,
-                            expect,
-                            tokens,
-                            measure_from,
-                            deadline,
-                            exhausted,
-                        )
-                    })
-                    .unwrap()
-            })
-            .collect();
-        std::thread::sleep(measure_from.saturating_duration_since(Instant::now()));
-        let srv0 = threads_cpu_ns(SERVER_THREADS);
-        let outs: Vec<ClientOut> = handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-            .collect();
-        (outs, threads_cpu_ns(SERVER_THREADS).saturating_sub(srv0))
-    });
-    let end = exhausted
-        .get()
-        .copied()
-        .map_or(deadline, |t| t.min(deadline));
-    let window = end.saturating_duration_since(measure_from);
-    let mut lat: Vec<u64> = outs
-        .iter()
-        .flat_map(|o| o.latencies_ns.iter().copied())
-        .collect();
-    lat.sort_unstable();
-    let requests = lat.len();
-    let issued = outs.iter().map(|o| o.issued).sum();
-    let cli_ns: u64 = outs.iter().map(|o| o.cpu_ns).sum();
-    let per_req = |ns: u64| {
-        if requests == 0 {
-            f64::NAN
-        } else {
-            ns as f64 / 1000.0 / requests as f64
+    let spec = LoadSpec::new(server.addr, concurrency, warmup, measure, CLIENT_THREADS)
+        .server_cpu(&srv_cpu)
+        .client_cpu(host::thread_cpu_ns);
+    let load = run_load(&spec, &|client: &mut Client, _, _| {
+        let bearer = match tokens {
+            Tokens::Same(t) => t,
+            Tokens::Pool(pool, next) => match pool.get(next.fetch_add(1, Ordering::Relaxed)) {
+                Some(t) => t.as_str(),
+                None => return Step::Exhausted,
+            },
+        };
+        match client.request("POST", path, &[("Authorization", bearer)], b"") {
+            Ok((status, body)) => {
+                if let Err(e) = judge(expect, status, body) {
+                    panic!("unexpected answer: {e}");
+                }
+                Step::Ok
+            }
+            Err(e) => Step::Err(e.to_string()),
         }
-    };
+    });
+    assert_eq!(
+        load.errors,
+        0,
+        "{scenario} c={concurrency}: {}",
+        load.first_error.as_deref().unwrap_or("-")
+    );
     Run {
         scenario,
         concurrency,
-        requests,
-        issued,
-        window,
-        rps: requests as f64 / window.as_secs_f64(),
-        p50_us: percentile_us(&lat, 0.50),
-        p99_us: percentile_us(&lat, 0.99),
-        srv_us: per_req(srv_ns),
-        cli_us: per_req(cli_ns),
-        exhausted_at: exhausted
-            .get()
-            .map(|t| t.saturating_duration_since(measure_from).as_secs_f64()),
+        requests: load.ok,
+        issued: load.issued,
+        window: load.window,
+        rps: load.rps(),
+        p50_us: load.pct_us(0.50),
+        p99_us: load.pct_us(0.99),
+        srv_us: load.server_cpu_us().unwrap_or(f64::NAN),
+        cli_us: load.client_cpu_us().unwrap_or(f64::NAN),
+        exhausted_at: load.exhausted_at,
         cache_misses: server.metrics.cache_misses.get() - misses_before,
     }
 }
@@ -828,30 +376,34 @@ fn first_seen(
     let cores = settings.cores;
     let prefix = format!("{}-{}", key.name, std::process::id());
     let per_run = settings.warmup + settings.measure;
+    let bearers = |prefix: &str, n| mint(key, &server.iss, prefix, n, TOKEN_SECS, cores, "Bearer ");
+    let pool_run = |pool: &[String], next: &AtomicUsize, c, warmup, measure| {
+        let tokens = Tokens::Pool(pool, next);
+        run(
+            server,
+            scenario,
+            "/v1/check",
+            Expect::Active,
+            tokens,
+            c,
+            warmup,
+            measure,
+        )
+    };
     let (count, why) = match settings.tokens {
         Some(n) => (n, "REVSYNC_BENCH_TOKENS".to_string()),
         None => {
             let t = Instant::now();
-            let probe_pool = mint(
-                key,
-                &server.iss,
-                &format!("{prefix}-probe"),
-                0,
-                PROBE_TOKENS,
-                cores,
-            );
+            let probe_pool = bearers(&format!("{prefix}-probe"), PROBE_TOKENS);
             let sign_rate = PROBE_TOKENS as f64 / t.elapsed().as_secs_f64();
-            let next = AtomicUsize::new(0);
             let probe_concurrency = settings.concurrency.iter().copied().max().unwrap_or(1);
-            let probe = run(
-                server,
-                scenario,
-                "/v1/check",
-                Expect::Active,
-                Tokens::Pool(&probe_pool, &next),
+            let (next, probe_secs) = (AtomicUsize::new(0), Duration::from_secs_f64(PROBE_SECS));
+            let probe = pool_run(
+                &probe_pool,
+                &next,
                 probe_concurrency,
                 Duration::ZERO,
-                Duration::from_secs_f64(PROBE_SECS),
+                probe_secs,
             );
             assert_eq!(
                 probe.cache_misses, probe.issued as u64,
@@ -872,7 +424,7 @@ fn first_seen(
         }
     };
     let t = Instant::now();
-    let pool = mint(key, &server.iss, &prefix, 0, count, cores);
+    let pool = bearers(&prefix, count);
     notes.push(format!(
         "{scenario}: minted {count} unique {} tokens in {:.1} s ({why})",
         key.name,
@@ -883,16 +435,7 @@ fn first_seen(
         .concurrency
         .iter()
         .map(|&c| {
-            let r = run(
-                server,
-                scenario,
-                "/v1/check",
-                Expect::Active,
-                Tokens::Pool(&pool, &next),
-                c,
-                settings.warmup,
-                settings.measure,
-            );
+            let r = pool_run(&pool, &next, c, settings.warmup, settings.measure);
             assert_eq!(
                 r.cache_misses, r.issued as u64,
                 "{scenario}: not every request was a cache miss"
@@ -901,24 +444,6 @@ fn first_seen(
             r
         })
         .collect()
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 fn verdict(ratio: f64, goal: f64) -> String {
@@ -996,8 +521,8 @@ fn main() {
     );
 
     // Raw verification, single thread, no HTTP.
-    let rs_token = rsa.sign(&claims(&server.iss, "raw-rs"));
-    let es_token = ec.sign(&claims(&server.iss, "raw-es"));
+    let rs_token = rsa.sign(&claims(&server.iss, "raw-rs", TOKEN_SECS));
+    let es_token = ec.sign(&claims(&server.iss, "raw-es", TOKEN_SECS));
     let (rs_raw, rs_parsed) = raw_verify(&rsa, &rs_token, settings.raw_iters);
     let (es_raw, es_parsed) = raw_verify(&ec, &es_token, settings.raw_iters);
     println!();
@@ -1015,23 +540,10 @@ fn main() {
     // The same decision in-process: revsync's own cost without HTTP.
     let fresh = (settings.raw_iters / 4).clamp(100, 5_000);
     let pid = std::process::id();
-    let rs_fresh = mint(
-        &rsa,
-        &server.iss,
-        &format!("inproc-rs-{pid}"),
-        0,
-        fresh,
-        cores,
-    );
-    let es_fresh = mint(
-        &ec,
-        &server.iss,
-        &format!("inproc-es-{pid}"),
-        0,
-        fresh,
-        cores,
-    );
-    let hit_token = vec![ec.sign(&claims(&server.iss, "inproc-hit"))];
+    let tokens = |key, prefix: &str| mint(key, &server.iss, prefix, fresh, TOKEN_SECS, cores, "");
+    let rs_fresh = tokens(&rsa, &format!("inproc-rs-{pid}"));
+    let es_fresh = tokens(&ec, &format!("inproc-es-{pid}"));
+    let hit_token = vec![ec.sign(&claims(&server.iss, "inproc-hit", TOKEN_SECS))];
     let (hit_us, rs_miss_us, es_miss_us) = rt.block_on(async {
         (
             decide_cost(&server.checker, &hit_token, settings.raw_iters.max(1)).await,
@@ -1066,26 +578,30 @@ fn main() {
     );
     let mut runs = Vec::new();
     let mut notes = Vec::new();
+    let rs_bearer = format!("Bearer {rs_token}");
     let fixed = [
         (
             "(c) empty handler POST /empty",
             "/empty",
             Expect::Empty,
-            rs_token.as_str(),
+            rs_bearer.as_str(),
         ),
         (
             "(a) repeated token (cache hit)",
             "/v1/check",
             Expect::Active,
-            rs_token.as_str(),
+            rs_bearer.as_str(),
         ),
     ];
-    let revoked_token = rsa.sign(&claims(&server.iss, &revoked_jti));
+    let revoked_bearer = format!(
+        "Bearer {}",
+        rsa.sign(&claims(&server.iss, &revoked_jti, TOKEN_SECS))
+    );
     for (scenario, path, expect, token) in fixed.into_iter().chain([(
         "(d) revoked token (cache hit)",
         "/v1/check",
         Expect::Revoked,
-        revoked_token.as_str(),
+        revoked_bearer.as_str(),
     )]) {
         if !settings.wants(scenario) {
             continue;

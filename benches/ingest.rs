@@ -20,147 +20,54 @@
 //! 4. replay of N native events from the earliest offset of a real Tansu broker into a
 //!    fresh store through `ingest::spawn`.
 
+#[path = "../tests/common/broker.rs"]
+#[allow(dead_code)]
+mod broker;
+#[path = "support/host.rs"]
+mod host;
+#[path = "support/workload.rs"]
+mod workload;
+
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use revsync::config::{KafkaConfig, TopicConfig};
-use revsync::denylist::{Denylist, Position, Retention, TokenRef};
-use revsync::event::{Event, Revocation};
+use broker::Broker;
+use host::{child_pid, env_count, proc_status_kib, process_cpu_ns};
+use revsync::config::KafkaConfig;
+use revsync::denylist::Denylist;
+use revsync::event::Event;
 use revsync::ingest::{self, IngestState};
 use revsync::metrics::Metrics;
 use revsync::publish::Publisher;
 use tokio_util::sync::CancellationToken;
+use workload::{apply_batches, mixed_revocation, retention, token_event, LookupMix, BATCH, ISS};
 
-const ISS: &str = "https://issuer.example.com/realms/bench";
-const BATCH: usize = 10_000;
 const CACHE_BYTES: u64 = 256 << 20;
+/// The default topic of `KafkaConfig::new`, which the replay reads.
 const TOPIC: &str = "revocations";
 const PARTITIONS: i32 = 4;
 /// How long the replay may take before the bench gives up on it.
 const REPLAY_LIMIT: Duration = Duration::from_secs(900);
 
-fn env_count(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(v) => v
-            .replace('_', "")
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v}: not a count")),
-        Err(_) => default,
-    }
+/// A fresh token revocation for the preload.
+fn preload_event(i: u64, now: u64) -> Event {
+    token_event(i, now, now + 3600)
 }
 
-fn retention() -> Retention {
-    Retention::new(Duration::from_secs(24 * 3600), Duration::from_secs(30))
-}
-
-/// splitmix64: a well-mixed 64-bit value for each index, so identifiers arrive in random
-/// key order (sequential keys would flatter the B-tree).
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// A UUID-shaped identifier (36 characters, like most `jti`/`sid` values) for index `i`
-/// in namespace `ns`.
-fn ident(ns: u64, i: u64, out: &mut String) {
-    out.clear();
-    let a = mix(i ^ (ns << 56));
-    let b = mix(a ^ ns);
-    let _ = write!(
-        out,
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0xffff,
-        b >> 48,
-        b & 0xffff_ffff_ffff
-    );
-}
-
-fn id_of(ns: u64, i: u64) -> String {
-    let mut s = String::with_capacity(36);
-    ident(ns, i, &mut s);
-    s
-}
-
-// Identifier namespaces.
-const NS_TOKEN: u64 = 1;
-const NS_SUB: u64 = 2;
-const NS_SID: u64 = 3;
-const NS_MISS: u64 = 9;
-
-struct Xorshift(u64);
-
-impl Xorshift {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn token_event(i: u64, now: u64) -> Event {
-    Event {
-        id: format!("e{i}"),
-        event_time: now,
-        revocation: Revocation::Token {
-            iss: ISS.into(),
-            jti: id_of(NS_TOKEN, i),
-            exp: Some(now + 3600),
-        },
-        reason: None,
-    }
-}
-
-/// The mixed workload: 85% token, 5% each subject, session and client. Identifiers are
-/// fresh except clients, which are few in real life (500 here), so client events mostly
-/// merge into an existing entry.
+/// The mixed workload (see `workload::mixed_revocation`).
 fn mixed_event(i: u64, now: u64) -> Event {
-    let revocation = match i % 20 {
-        0 => Revocation::Subject {
-            iss: ISS.into(),
-            sub: id_of(NS_SUB, i),
-            not_before: now,
-        },
-        1 => Revocation::Session {
-            iss: ISS.into(),
-            sid: id_of(NS_SID, i),
-        },
-        2 => Revocation::Client {
-            iss: ISS.into(),
-            client_id: format!("client-{}", (i / 20) % 500),
-            not_before: now,
-        },
-        _ => Revocation::Token {
-            iss: ISS.into(),
-            jti: id_of(NS_TOKEN, i),
-            exp: Some(now + 3600),
-        },
-    };
     Event {
         id: format!("e{i}"),
         event_time: now,
-        revocation,
+        revocation: mixed_revocation(ISS, i, 0, now),
         reason: None,
     }
 }
 
-/// Applies events `range` built by `make` in batches of `BATCH`, with a position per
-/// batch as the real reader writes. Returns time spent inside `apply` (event
-/// construction excluded), (changed, unchanged, expired), and the slowest batch.
+/// Applies events `range` built by `make` in batches of `BATCH`. Returns time spent inside
+/// `apply` (event construction excluded), (changed, unchanged, expired), and the slowest
+/// batch.
 fn apply_all(
     d: &Denylist,
     range: std::ops::Range<u64>,
@@ -170,48 +77,14 @@ fn apply_all(
     let mut in_apply = Duration::ZERO;
     let mut slowest = Duration::ZERO;
     let mut outcome = [0usize; 3];
-    let mut start = range.start;
-    let mut batch_no = 0i64;
-    while start < range.end {
-        let end = (start + BATCH as u64).min(range.end);
-        let events: Vec<Event> = (start..end).map(|i| make(i, now)).collect();
-        let positions = [Position {
-            topic: TOPIC.into(),
-            partition: (batch_no % PARTITIONS as i64) as i32,
-            next_offset: end as i64,
-        }];
-        let t = Instant::now();
-        let out = d.apply(&events, &positions, now).expect("apply");
-        let took = t.elapsed();
+    apply_batches(d, range, now, make, |_, _, took, out| {
         in_apply += took;
         slowest = slowest.max(took);
         outcome[0] += out.changed;
         outcome[1] += out.unchanged;
         outcome[2] += out.already_expired;
-        start = end;
-        batch_no += 1;
-    }
+    });
     (in_apply, outcome, slowest)
-}
-
-fn proc_status_kib(field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// utime + stime of a process in seconds (USER_HZ = 100 on Linux).
-fn cpu_seconds(pid: &str) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = &s[s.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    Some(ticks as f64 / 100.0)
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -246,108 +119,15 @@ fn stats(mut ns: Vec<u32>) -> LookupStats {
     }
 }
 
-// ---- Tansu ---------------------------------------------------------------------------
+// ---- replay --------------------------------------------------------------------------
 
-fn tansu_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("REVSYNC_TANSU") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-    let cached = Path::new(&home).join(".cache/revsync/tansu-0.6.0/bin/tansu");
-    if cached.exists() {
-        return cached;
-    }
-    PathBuf::from("tansu")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn wait_for_port(port: u16, timeout: Duration) -> bool {
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
-
-/// A Tansu broker with in-memory storage, killed on drop (panics included).
-struct Broker {
-    child: Child,
-    port: u16,
-}
-
-impl Broker {
-    fn start() -> Result<Self, String> {
-        let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(tansu_bin())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "memory://tansu/",
-            ])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", tansu_bin().display()))?;
-        let broker = Broker { child, port };
-        if !wait_for_port(port, Duration::from_secs(20)) {
-            return Err(format!("tansu did not listen on {port}"));
-        }
-        Ok(broker)
-    }
-
-    fn url(&self) -> String {
-        format!("tcp://127.0.0.1:{}", self.port)
-    }
-
-    fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn create_topic(&self, name: &str, partitions: i32) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let out = Command::new(tansu_bin())
-                .args(["topic", "create", name, "--partitions"])
-                .arg(partitions.to_string())
-                .args(["--broker", &self.url()])
-                .env("RUST_LOG", "warn")
-                .output()
-                .expect("run tansu topic create");
-            if out.status.success() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "tansu topic create {name} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The text of a caught panic.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panicked".into())
 }
 
 /// Ingest threads, stopped and joined on drop: librdkafka threads alive at process exit
@@ -377,17 +157,10 @@ struct Replay {
 }
 
 fn replay(n: usize) -> Result<Replay, String> {
-    let broker = Broker::start()?;
+    // A Tansu broker with in-memory storage; one that cannot start skips the replay.
+    let broker = std::panic::catch_unwind(Broker::memory).map_err(|e| panic_text(&*e))?;
     broker.create_topic(TOPIC, PARTITIONS);
-    let kafka = {
-        let mut k = KafkaConfig::new(broker.bootstrap());
-        k.topics = vec![TopicConfig {
-            name: TOPIC.into(),
-            format: Default::default(),
-            issuer: None,
-        }];
-        k
-    };
+    let kafka = KafkaConfig::new(broker.bootstrap());
 
     let now = revsync::unix_now();
     eprintln!("[replay] publishing {n} events to {TOPIC} ({PARTITIONS} partitions)");
@@ -413,9 +186,11 @@ fn replay(n: usize) -> Result<Replay, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let denylist =
         Arc::new(Denylist::open(dir.path(), CACHE_BYTES, retention()).map_err(|e| e.to_string())?);
-    let broker_pid = broker.child.id().to_string();
-    let broker_cpu0 = cpu_seconds(&broker_pid);
-    let self_cpu0 = cpu_seconds("self");
+    // tests/common/broker.rs keeps its process to itself: find it among this one's children.
+    let broker_pid = child_pid("tansu");
+    let cpu_secs = |pid: u32| process_cpu_ns(pid) as f64 / 1e9;
+    let broker_cpu0 = broker_pid.map(cpu_secs);
+    let self_cpu0 = cpu_secs(std::process::id());
     let stop = CancellationToken::new();
     let t = Instant::now();
     let handle = ingest::spawn(
@@ -460,10 +235,11 @@ fn replay(n: usize) -> Result<Replay, String> {
         std::thread::sleep(Duration::from_millis(50));
     }
     let replay_secs = t.elapsed().as_secs_f64();
-    let broker_cpu = cpu_seconds(&broker_pid)
+    let broker_cpu = broker_pid
+        .map(cpu_secs)
         .zip(broker_cpu0)
         .map(|(a, b)| a - b);
-    let self_cpu = cpu_seconds("self").zip(self_cpu0).map(|(a, b)| a - b);
+    let self_cpu = Some(cpu_secs(std::process::id()) - self_cpu0);
     drop(ingesting);
     let rss_after_kib = proc_status_kib("VmRSS:");
     eprintln!("[replay] {n} positions applied in {replay_secs:.2} s");
@@ -484,28 +260,16 @@ fn machine() -> (usize, String, String) {
     let nproc = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default();
-    (nproc, model, load)
+    (nproc, host::cpu_model(), host::loadavg())
 }
 
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument is not meaningful here.
-    let n = env_count("REVSYNC_BENCH_N", 1_000_000);
+    let n = env_count("REVSYNC_BENCH_N").unwrap_or(1_000_000);
     assert!(n > 0, "REVSYNC_BENCH_N must be positive");
-    let n_apply = env_count("REVSYNC_BENCH_APPLY", n / 5);
-    let n_lookups = env_count("REVSYNC_BENCH_LOOKUPS", n);
-    let n_replay = env_count("REVSYNC_BENCH_REPLAY", n);
+    let n_apply = env_count("REVSYNC_BENCH_APPLY").unwrap_or(n / 5);
+    let n_lookups = env_count("REVSYNC_BENCH_LOOKUPS").unwrap_or(n);
+    let n_replay = env_count("REVSYNC_BENCH_REPLAY").unwrap_or(n);
     let (nproc, model, load_start) = machine();
     let mut rows: Vec<(String, String, String)> = Vec::new();
     let mut row = |what: &str, value: String, target: &str| {
@@ -519,7 +283,7 @@ fn main() {
     // 1a. Preload.
     eprintln!("[apply] preloading {n} token revocations in batches of {BATCH}");
     let wall = Instant::now();
-    let (in_apply, out, slowest) = apply_all(&d, 0..n as u64, now, token_event);
+    let (in_apply, out, slowest) = apply_all(&d, 0..n as u64, now, preload_event);
     let wall = wall.elapsed();
     assert_eq!(d.sizes().token, n as u64, "every preloaded token is live");
     row(
@@ -591,30 +355,13 @@ fn main() {
             }
             stats(v).p50
         };
-        let mut rng = Xorshift(0x2545_F491_4F6C_DD1D);
-        let (mut jti, mut sid, mut sub) = (String::new(), String::new(), String::new());
+        let mut mix = LookupMix::new(n);
         let mut hit_ns = Vec::with_capacity(n_lookups / 2 + 1);
         let mut miss_ns = Vec::with_capacity(n_lookups / 2 + 1);
         let mut wrong = 0usize;
         let loop_start = Instant::now();
         for _ in 0..n_lookups {
-            let hit = rng.next() & 1 == 0;
-            if hit {
-                ident(NS_TOKEN, rng.below(n.max(1) as u64), &mut jti);
-            } else {
-                let k = rng.next();
-                ident(NS_MISS, k, &mut jti);
-                ident(NS_MISS, k ^ 1, &mut sid);
-                ident(NS_MISS, k ^ 2, &mut sub);
-            }
-            let token = TokenRef {
-                iss: ISS,
-                jti: Some(&jti),
-                sub: Some(&sub),
-                sid: Some(&sid),
-                client_id: Some("client-not-revoked"),
-                iat: Some(now),
-            };
+            let (token, hit) = mix.next(now);
             let t = Instant::now();
             let r = d.revoked_by(&token).expect("lookup");
             let ns = t.elapsed().as_nanos().min(u32::MAX as u128) as u32;

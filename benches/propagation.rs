@@ -4,77 +4,31 @@
 //! in-process; then, one at a time, publishes a revocation for a token that is active
 //! and polls `POST /v1/check` over keep-alive until it answers `revoked`.
 //!
-//! `cargo bench --bench propagation` (REVSYNC_BENCH_REVOCATIONS=N, default 1000).
+//! `cargo bench --bench propagation` (REVSYNC_BENCH_REVOCATIONS=N, default 1000;
+//! `REVSYNC_TANSU`: the Tansu binary, else the `.ci/run` cache, else `tansu` on PATH).
 
-use std::net::TcpListener as StdListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+#[path = "../tests/common/broker.rs"]
+#[allow(dead_code)]
+mod broker;
+#[path = "support/host.rs"]
+mod host;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use broker::Broker;
 use revsync::app::{self, Listener};
-use revsync::config::{Config, KafkaConfig, TopicConfig};
+use revsync::config::{Config, KafkaConfig};
 use revsync::dev::{issuer_router, DemoIssuer};
 use revsync::event::{Event, Revocation};
 use revsync::publish::Publisher;
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-struct Tansu(Child);
-impl Drop for Tansu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn tansu_bin() -> PathBuf {
-    std::env::var_os("REVSYNC_TANSU")
-        .map(PathBuf::from)
-        .unwrap_or_else(revsync::dev::tansu_path)
-}
-
-fn start_tansu() -> (Tansu, u16) {
-    let port = StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let child = Command::new(tansu_bin())
-        .args([
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-        ])
-        .args(["--storage-engine", "memory://tansu/"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start tansu (bash .ci/run installs it)");
-    let guard = Tansu(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "tansu did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let ok = Command::new(tansu_bin())
-        .args([
-            "topic",
-            "create",
-            "revocations",
-            "--partitions",
-            "3",
-            "--broker",
-            &url,
-        ])
-        .stderr(Stdio::null())
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "topic create");
-    (guard, port)
+/// `POST /v1/check` of `body` at `api`: the JSON answer.
+async fn check(client: &reqwest::Client, api: &str, body: &Value) -> Value {
+    let response = client.post(api).json(body).send().await.unwrap();
+    response.json().await.unwrap()
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -87,8 +41,10 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
-    let (_tansu, broker_port) = start_tansu();
-    let brokers = format!("127.0.0.1:{broker_port}");
+    // Tansu (memory engine) on a free loopback port; the daemon reads the default topic.
+    let broker = Broker::memory();
+    broker.create_topic("revocations", 3);
+    let brokers = broker.bootstrap();
 
     let issuer_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let issuer_url = format!("http://{}", issuer_listener.local_addr().unwrap());
@@ -98,11 +54,6 @@ async fn main() {
 
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::new(brokers.clone(), dir.path().join("store"));
-    config.kafka.topics = vec![TopicConfig {
-        name: "revocations".into(),
-        format: Default::default(),
-        issuer: None,
-    }];
     config.issuers.push(issuer.config());
     let fetch_wait = config.kafka.fetch_wait_max;
     let listener = Listener::bind("127.0.0.1:0").await.unwrap();
@@ -135,15 +86,7 @@ async fn main() {
     let mut polls = 0u64;
     for (token, jti) in &tokens {
         let body = serde_json::json!({ "token": token });
-        let answer: serde_json::Value = client
-            .post(&api)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let answer = check(&client, &api, &body).await;
         assert_eq!(answer["active"], true, "token active before its revocation");
         let event = Event {
             id: revsync::publish::new_event_id(),
@@ -163,16 +106,7 @@ async fn main() {
             .unwrap();
         loop {
             polls += 1;
-            let answer: serde_json::Value = client
-                .post(&api)
-                .json(&body)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if answer["reason"] == "revoked" {
+            if check(&client, &api, &body).await["reason"] == "revoked" {
                 break;
             }
             assert!(
@@ -189,14 +123,7 @@ async fn main() {
     let mut sorted = delays_ms.clone();
     sorted.sort_by(f64::total_cmp);
     let mean = sorted.iter().sum::<f64>() / sorted.len() as f64;
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
+    let cpu = host::cpu_model();
     println!("revsync propagation bench");
     println!("command : cargo bench --bench propagation");
     println!(

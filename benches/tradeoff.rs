@@ -35,49 +35,62 @@
 //! - `REVSYNC_BENCH_MIXED_SECS` (60), `REVSYNC_BENCH_INGEST_RATE` (11000 events/s);
 //! - `REVSYNC_BENCH_SCALE` (`100000,1000000,10000000`), `REVSYNC_BENCH_LOOKUPS`
 //!   (1000000 per size), `REVSYNC_BENCH_STARTUP` (1000000; 0 skips);
-//! - `REVSYNC_BENCH_NODE` (`node`), `REVSYNC_TANSU` (the `.ci/run` cache).
+//! - `REVSYNC_BENCH_NODE` (`node`), `REVSYNC_TANSU` (else the `.ci/run` cache, else `tansu`
+//!   on PATH).
 //!
 //! Prints a Markdown report (machine, exact command, tables, each issue target met or
 //! missed and by how much) and writes it to `target/tradeoff-results.md`. Fails only when
 //! an answer is wrong (a broken path must not produce a fast figure), except in the mixed
 //! part, where wrong answers are what is being counted.
 
+#[path = "../tests/common/broker.rs"]
+#[allow(dead_code)]
+mod broker;
+#[path = "support/check_env.rs"]
+mod check_env;
+#[path = "support/host.rs"]
+mod host;
 #[path = "support/http_client.rs"]
 mod http_client;
+#[path = "support/workload.rs"]
+mod workload;
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::signature::{self as sig, EcdsaKeyPair, KeyPair as _};
-use axum::http::header;
-use axum::routing::{get, post};
+use axum::routing::post;
 use axum::Router;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use http_client::{contains, run_load, Client, Load, Step};
+use broker::Broker;
+use check_env::{
+    claims, judge, mint, serve_jwks, BenchKey, Expect, CLIENT_THREADS, SERVER_THREADS,
+};
+use host::{cpu_model, env_count, env_f64, env_list, loadavg, proc_status_kib};
+use http_client::{contains, run_load, Client, Load, LoadSpec, Step};
 use revsync::app::{self, Listener};
-use revsync::config::{Config, IssuerConfig, KafkaConfig, StoreConfig, TopicConfig};
-use revsync::denylist::{Denylist, Position, Retention, TokenRef};
+use revsync::config::{Config, KafkaConfig, StoreConfig};
+use revsync::denylist::{Denylist, TokenRef};
 use revsync::dev::{issuer_router, DemoIssuer};
 use revsync::event::{Event, Revocation};
 use revsync::publish::Publisher;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
+use workload::{
+    apply_batches, id_of, mixed_revocation, retention, token_event, LookupMix, BATCH, NS_TOKEN,
+};
 
-const AUD: &str = "bench-api";
+/// The default topic of `KafkaConfig::new`, which the daemon reads.
 const TOPIC: &str = "revocations";
-const PARTITIONS: u32 = 3;
-const EMPTY_BODY: &str = r#"{"active":true}"#;
-const SERVER_THREADS: &str = "srv-worker";
-const CLIENT_THREADS: &str = "bench-cli-";
-const BATCH: usize = 10_000;
+const PARTITIONS: i32 = 3;
+/// Lifetime of the bench issuer's tokens.
+const TOKEN_SECS: u64 = 7200;
 const CHILD_ENV: &str = "REVSYNC_TRADEOFF_CHILD";
 const PROBE_TOKENS: usize = 2_000;
 const PROBE_SECS: f64 = 0.5;
@@ -86,41 +99,6 @@ const ALL_PARTS: &str = "check,introspection,propagation,mixed,scale";
 
 // ---------------------------------------------------------------------------------------
 // Environment
-
-fn env_f64(name: &str, default: f64) -> f64 {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v}: not a number")),
-        Err(_) => default,
-    }
-}
-
-fn env_count(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(v) => v
-            .replace('_', "")
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v}: not a count")),
-        Err(_) => default,
-    }
-}
-
-fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .split(',')
-            .filter(|s| !s.trim().is_empty())
-            .map(|s| {
-                s.trim()
-                    .replace('_', "")
-                    .parse()
-                    .unwrap_or_else(|_| panic!("{name}={v}: not a list of counts"))
-            })
-            .collect(),
-        Err(_) => default.to_vec(),
-    }
-}
 
 struct Settings {
     parts: Vec<String>,
@@ -151,14 +129,16 @@ impl Settings {
             warmup: Duration::from_secs_f64(env_f64("REVSYNC_BENCH_WARMUP", 1.0)),
             measure: Duration::from_secs_f64(env_f64("REVSYNC_BENCH_SECS", 5.0)),
             concurrency: env_list("REVSYNC_BENCH_CONCURRENCY", &[1, 16]),
-            revoked: env_count("REVSYNC_BENCH_REVOKED", 10_000).max(1),
-            introspection_tokens: env_count("REVSYNC_BENCH_INTROSPECTION_TOKENS", 1_000).max(1),
-            revocations: env_count("REVSYNC_BENCH_REVOCATIONS", 1_000),
+            revoked: env_count("REVSYNC_BENCH_REVOKED").unwrap_or(10_000).max(1),
+            introspection_tokens: env_count("REVSYNC_BENCH_INTROSPECTION_TOKENS")
+                .unwrap_or(1_000)
+                .max(1),
+            revocations: env_count("REVSYNC_BENCH_REVOCATIONS").unwrap_or(1_000),
             mixed: Duration::from_secs_f64(env_f64("REVSYNC_BENCH_MIXED_SECS", 60.0)),
             ingest_rate: env_f64("REVSYNC_BENCH_INGEST_RATE", 11_000.0),
             scale: env_list("REVSYNC_BENCH_SCALE", &[100_000, 1_000_000, 10_000_000]),
-            lookups: env_count("REVSYNC_BENCH_LOOKUPS", 1_000_000),
-            startup: env_count("REVSYNC_BENCH_STARTUP", 1_000_000),
+            lookups: env_count("REVSYNC_BENCH_LOOKUPS").unwrap_or(1_000_000),
+            startup: env_count("REVSYNC_BENCH_STARTUP").unwrap_or(1_000_000),
             node: std::env::var("REVSYNC_BENCH_NODE").unwrap_or_else(|_| "node".into()),
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
@@ -192,18 +172,6 @@ fn read_file_trim(path: &str) -> String {
         .unwrap_or_default()
 }
 
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
-
 fn mem_total_gib() -> f64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -216,24 +184,6 @@ fn mem_total_gib() -> f64 {
                 .ok()
         })
         .map_or(f64::NAN, |kib| kib / 1024.0 / 1024.0)
-}
-
-fn loadavg() -> String {
-    read_file_trim("/proc/loadavg")
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn proc_status_kib(field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 fn manifest_dir() -> PathBuf {
@@ -290,186 +240,7 @@ fn fmt_opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
 }
 
 // ---------------------------------------------------------------------------------------
-// Keys and tokens (signed with aws-lc-rs directly: jsonwebtoken re-parses an RSA private
-// key on every signature, which would make minting the first-seen pools far slower)
-
-/// (tag, content, rest) of one DER TLV.
-fn der_tlv(input: &[u8]) -> (u8, &[u8], &[u8]) {
-    let tag = input[0];
-    let (len, head) = if input[1] & 0x80 == 0 {
-        (input[1] as usize, 2)
-    } else {
-        let n = (input[1] & 0x7f) as usize;
-        let len = input[2..2 + n]
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
-        (len, 2 + n)
-    };
-    (tag, &input[head..head + len], &input[head + len..])
-}
-
-/// (n, e) of a PKCS#1 `RSAPublicKey`, without leading zero bytes.
-fn rsa_public_components(der: &[u8]) -> (Vec<u8>, Vec<u8>) {
-    let (_, seq, _) = der_tlv(der);
-    let (_, n, rest) = der_tlv(seq);
-    let (_, e, _) = der_tlv(rest);
-    let strip = |b: &[u8]| b[b.iter().position(|x| *x != 0).unwrap_or(b.len())..].to_vec();
-    (strip(n), strip(e))
-}
-
-fn b64url(bytes: &[u8]) -> String {
-    URL_SAFE_NO_PAD.encode(bytes)
-}
-
-enum SigningKey {
-    Rsa(aws_lc_rs::rsa::KeyPair),
-    Ec(EcdsaKeyPair),
-}
-
-struct BenchKey {
-    name: &'static str,
-    signing: SigningKey,
-    header_b64: String,
-    jwk: Value,
-}
-
-impl BenchKey {
-    fn rsa(kid: &str) -> Self {
-        let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
-        let (n, e) = rsa_public_components(pair.public_key().as_ref());
-        BenchKey {
-            name: "RS256",
-            header_b64: b64url(
-                json!({"alg": "RS256", "typ": "JWT", "kid": kid})
-                    .to_string()
-                    .as_bytes(),
-            ),
-            jwk: json!({"kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256", "n": b64url(&n), "e": b64url(&e)}),
-            signing: SigningKey::Rsa(pair),
-        }
-    }
-
-    fn p256(kid: &str) -> Self {
-        let alg = &sig::ECDSA_P256_SHA256_FIXED_SIGNING;
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &SystemRandom::new()).unwrap();
-        let pair = EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref()).unwrap();
-        let point = pair.public_key().as_ref().to_vec();
-        BenchKey {
-            name: "ES256",
-            header_b64: b64url(
-                json!({"alg": "ES256", "typ": "JWT", "kid": kid})
-                    .to_string()
-                    .as_bytes(),
-            ),
-            jwk: json!({"kty": "EC", "kid": kid, "use": "sig", "alg": "ES256", "crv": "P-256",
-                "x": b64url(&point[1..33]), "y": b64url(&point[33..65])}),
-            signing: SigningKey::Ec(pair),
-        }
-    }
-
-    fn sign(&self, claims: &str) -> String {
-        let mut token = String::with_capacity(self.header_b64.len() + claims.len() * 4 / 3 + 400);
-        token.push_str(&self.header_b64);
-        token.push('.');
-        URL_SAFE_NO_PAD.encode_string(claims.as_bytes(), &mut token);
-        let signature = match &self.signing {
-            SigningKey::Rsa(pair) => {
-                let mut s = vec![0; pair.public_modulus_len()];
-                pair.sign(
-                    &sig::RSA_PKCS1_SHA256,
-                    &SystemRandom::new(),
-                    token.as_bytes(),
-                    &mut s,
-                )
-                .unwrap();
-                s
-            }
-            SigningKey::Ec(pair) => pair
-                .sign(&SystemRandom::new(), token.as_bytes())
-                .unwrap()
-                .as_ref()
-                .to_vec(),
-        };
-        token.push('.');
-        URL_SAFE_NO_PAD.encode_string(&signature, &mut token);
-        token
-    }
-}
-
-/// Access-token claims of a typical shape, valid for two hours.
-fn claims(iss: &str, jti: &str) -> String {
-    let now = revsync::unix_now();
-    format!(
-        r#"{{"iss":"{iss}","aud":"{AUD}","sub":"alice","client_id":"bench-app","scope":"read write","jti":"{jti}","iat":{now},"exp":{}}}"#,
-        now + 7200
-    )
-}
-
-/// `n` unique `Bearer …` header values (jti `{prefix}-{i}`), signed on every core.
-fn mint_bearers(key: &BenchKey, iss: &str, prefix: &str, n: usize, cores: usize) -> Vec<String> {
-    let per = n.div_ceil(cores.max(1)).max(1);
-    std::thread::scope(|s| {
-        let parts: Vec<_> = (0..n)
-            .step_by(per)
-            .map(|start| {
-                let end = (start + per).min(n);
-                s.spawn(move || {
-                    (start..end)
-                        .map(|i| {
-                            format!(
-                                "Bearer {}",
-                                key.sign(&claims(iss, &format!("{prefix}-{i:09}")))
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        parts
-            .into_iter()
-            .flat_map(|h| h.join().expect("minting thread"))
-            .collect()
-    })
-}
-
-// ---------------------------------------------------------------------------------------
-// Identifiers for generated events (as in benches/ingest.rs: UUID-shaped, random order)
-
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-fn ident(ns: u64, i: u64, out: &mut String) {
-    out.clear();
-    let a = mix(i ^ (ns << 56));
-    let b = mix(a ^ ns);
-    let _ = write!(
-        out,
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0xffff,
-        b >> 48,
-        b & 0xffff_ffff_ffff
-    );
-}
-
-fn id_of(ns: u64, i: u64) -> String {
-    let mut s = String::with_capacity(36);
-    ident(ns, i, &mut s);
-    s
-}
-
-const NS_TOKEN: u64 = 1;
-const NS_SUB: u64 = 2;
-const NS_SID: u64 = 3;
-const NS_MISS: u64 = 9;
-
-// ---------------------------------------------------------------------------------------
-// Processes: Tansu, oidc-provider
+// Processes
 
 /// A child process killed (by its own id) and reaped on drop.
 struct Guard(Child);
@@ -479,71 +250,6 @@ impl Drop for Guard {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn wait_for_port(port: u16, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
-
-/// Tansu with in-memory storage on a free loopback port, topic `revocations` created.
-fn start_tansu() -> (Guard, u16) {
-    let bin = revsync::dev::tansu_path();
-    assert!(
-        bin.exists(),
-        "no Tansu broker at {} (bash .ci/run or `cargo run --release -- dev` installs it; or set REVSYNC_TANSU)",
-        bin.display()
-    );
-    let port = free_port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let child = Command::new(&bin)
-        .args(["broker", "--listener-url", &url])
-        .args(["--advertised-listener-url", &url])
-        .args(["--storage-engine", "memory://tansu/"])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start tansu");
-    let guard = Guard(child);
-    assert!(
-        wait_for_port(port, Duration::from_secs(20)),
-        "tansu did not start"
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = Command::new(&bin)
-            .args(["topic", "create", TOPIC, "--partitions"])
-            .arg(PARTITIONS.to_string())
-            .args(["--broker", &url])
-            .env("RUST_LOG", "warn")
-            .output()
-            .expect("run tansu topic create");
-        if out.status.success() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "tansu topic create failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    (guard, port)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -560,17 +266,14 @@ struct Daemon {
     publisher: Publisher,
     stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    _broker: Guard,
+    _broker: Broker,
     _dir: tempfile::TempDir,
 }
 
 async fn serve_floor() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = Router::new().route(
-        "/empty",
-        post(|| async { ([(header::CONTENT_TYPE, "application/json")], EMPTY_BODY) }),
-    );
+    let app = Router::new().route("/empty", post(check_env::empty));
     tokio::spawn(async move { axum::serve(listener, app).await });
     addr
 }
@@ -626,31 +329,23 @@ fn check_once(c: &mut Client, bearer: &str) -> Result<(u16, Vec<u8>), String> {
 impl Daemon {
     fn start(rt: &tokio::runtime::Runtime, s: &Settings) -> Daemon {
         let t = Instant::now();
-        let (broker, port) = start_tansu();
-        let brokers = format!("127.0.0.1:{port}");
+        // Tansu with in-memory storage on a free loopback port, topic `revocations`.
+        let broker = Broker::memory();
+        broker.create_topic(TOPIC, PARTITIONS);
+        let brokers = broker.bootstrap();
         let rsa = BenchKey::rsa("bench-rsa");
         let ec = BenchKey::p256("bench-ec");
-        let jwks: &'static str = Box::leak(
-            json!({"keys": [rsa.jwk.clone(), ec.jwk.clone()]})
-                .to_string()
-                .into_boxed_str(),
-        );
-        let (floor, bench_iss, demo, demo_iss) = rt.block_on(async {
+        let (floor, bench, demo, demo_iss) = rt.block_on(async {
             let floor = serve_floor().await;
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let bench_iss = format!("http://{}", l.local_addr().unwrap());
-            let app = Router::new().route(
-                "/jwks",
-                get(move || async move { ([(header::CONTENT_TYPE, "application/json")], jwks) }),
-            );
-            tokio::spawn(async move { axum::serve(l, app).await });
+            let bench = serve_jwks(&[&rsa, &ec]).await;
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let demo_iss = format!("http://{}", l.local_addr().unwrap());
             let demo = Arc::new(DemoIssuer::generate(demo_iss.clone()).unwrap());
             let router = issuer_router(demo.clone());
             tokio::spawn(async move { axum::serve(l, router).await });
-            (floor, bench_iss, demo, demo_iss)
+            (floor, bench, demo, demo_iss)
         });
+        let bench_iss = bench.issuer.clone();
 
         // Background revocations (the revoked scenario's jti among them), published before
         // the daemon starts: it reads them from the earliest offset.
@@ -680,14 +375,6 @@ impl Daemon {
 
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::new(brokers, dir.path().join("store"));
-        config.kafka.topics = vec![TopicConfig {
-            name: TOPIC.into(),
-            format: Default::default(),
-            issuer: None,
-        }];
-        let mut bench = IssuerConfig::new(bench_iss.clone(), AUD);
-        bench.jwks_uri = Some(format!("{bench_iss}/jwks"));
-        bench.algorithms = vec!["RS256".into(), "ES256".into()];
         config.issuers = vec![bench, demo.config()];
         let stop = CancellationToken::new();
         let (api, task) = rt.block_on(async {
@@ -718,7 +405,8 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(50));
         }
         eprintln!(
-            "[set-up] Tansu on {port}, daemon on {api}, {} background revocations applied, in {:.1} s",
+            "[set-up] Tansu on {}, daemon on {api}, {} background revocations applied, in {:.1} s",
+            broker.port,
             s.revoked,
             t.elapsed().as_secs_f64()
         );
@@ -811,6 +499,18 @@ impl Report {
             verdict,
         });
     }
+
+    /// Prints a measured run, asserts it had no error, and adds it to the table.
+    fn add_run(&mut self, part: &'static str, scenario: &str, load: Load, note: String) {
+        print_load(part, scenario, &load);
+        assert_clean(part, scenario, &load);
+        self.rows.push(Row {
+            part,
+            scenario: scenario.into(),
+            load,
+            note,
+        });
+    }
 }
 
 fn print_load(part: &str, scenario: &str, l: &Load) {
@@ -842,51 +542,45 @@ fn assert_clean(part: &str, scenario: &str, l: &Load) {
 // ---------------------------------------------------------------------------------------
 // Part: check
 
-#[derive(Clone, Copy)]
-enum Expect {
-    Empty,
-    Active,
-    Revoked,
-}
-
-fn judge(expect: Expect, status: u16, body: &[u8]) -> Step {
-    let ok = status == 200
-        && match expect {
-            Expect::Empty => body == EMPTY_BODY.as_bytes(),
-            Expect::Active => contains(body, br#""active":true"#),
-            Expect::Revoked => {
-                contains(body, br#""active":false"#) && contains(body, br#""reason":"revoked""#)
-            }
-        };
-    if ok {
-        Step::Ok
-    } else {
-        Step::Err(format!(
-            "status {status}, body {}",
-            String::from_utf8_lossy(&body[..body.len().min(200)])
-        ))
-    }
-}
-
 fn http_step(c: &mut Client, path: &str, bearer: &str, expect: Expect) -> Step {
     match c.request("POST", path, &[("Authorization", bearer)], b"") {
-        Ok((status, body)) => judge(expect, status, body),
+        Ok((status, body)) => judge(expect, status, body).map_or_else(Step::Err, |()| Step::Ok),
         Err(e) => Step::Err(e.to_string()),
     }
 }
 
 fn srv_cpu() -> u64 {
-    http_client::threads_cpu_ns(SERVER_THREADS)
+    host::threads_cpu_ns(SERVER_THREADS)
+}
+
+/// A closed-loop run of the bench's clients, measuring the server threads' CPU.
+fn check_load(
+    addr: SocketAddr,
+    c: usize,
+    warmup: Duration,
+    measure: Duration,
+) -> LoadSpec<'static> {
+    LoadSpec::new(addr, c, warmup, measure, CLIENT_THREADS).server_cpu(&srv_cpu)
+}
+
+/// `Bearer …` values of `n` unique tokens of the bench issuer.
+fn mint_bearers(d: &Daemon, key: &BenchKey, prefix: &str, n: usize, cores: usize) -> Vec<String> {
+    mint(key, &d.bench_iss, prefix, n, TOKEN_SECS, cores, "Bearer ")
 }
 
 fn part_check(d: &Daemon, s: &Settings, report: &mut Report) {
-    let repeated = format!("Bearer {}", d.rsa.sign(&claims(&d.bench_iss, "repeated-1")));
-    let revoked = format!("Bearer {}", d.rsa.sign(&claims(&d.bench_iss, "revoked-0")));
+    let bearer = |jti: &str| {
+        format!(
+            "Bearer {}",
+            d.rsa.sign(&claims(&d.bench_iss, jti, TOKEN_SECS))
+        )
+    };
+    let (repeated, revoked) = (bearer("repeated-1"), bearer("revoked-0"));
     {
         let mut c = Client::connect(d.api).unwrap();
         let (st, body) = check_once(&mut c, &revoked).unwrap();
         assert!(
-            matches!(judge(Expect::Revoked, st, &body), Step::Ok),
+            judge(Expect::Revoked, st, &body).is_ok(),
             "revoked token not revoked: {}",
             String::from_utf8_lossy(&body)
         );
@@ -917,22 +611,10 @@ fn part_check(d: &Daemon, s: &Settings, report: &mut Report) {
     for (scenario, addr, path, bearer, expect) in fixed {
         for &c in &s.concurrency {
             let load = run_load(
-                addr,
-                c,
-                s.warmup,
-                s.measure,
-                CLIENT_THREADS,
-                Some(&srv_cpu),
+                &check_load(addr, c, s.warmup, s.measure),
                 &|cl: &mut Client, _, _| http_step(cl, path, bearer, expect),
             );
-            print_load("check", scenario, &load);
-            assert_clean("check", scenario, &load);
-            report.rows.push(Row {
-                part: "check",
-                scenario: scenario.into(),
-                load,
-                note: String::new(),
-            });
+            report.add_run("check", scenario, load, String::new());
         }
     }
 
@@ -942,8 +624,8 @@ fn part_check(d: &Daemon, s: &Settings, report: &mut Report) {
         let scenario = format!("revsync: first-seen {}", key.name);
         let t = Instant::now();
         let probe_pool = mint_bearers(
+            d,
             key,
-            &d.bench_iss,
             &format!("probe-{}", key.name),
             PROBE_TOKENS,
             s.cores,
@@ -956,25 +638,20 @@ fn part_check(d: &Daemon, s: &Settings, report: &mut Report) {
                 None => Step::Exhausted,
             }
         };
-        let probe = run_load(
+        let probe = LoadSpec::new(
             d.api,
             s.max_concurrency(),
             Duration::ZERO,
             Duration::from_secs_f64(PROBE_SECS),
             CLIENT_THREADS,
-            None,
-            &|cl: &mut Client, _, _| pool_step(&probe_pool, &next, cl),
         );
+        let probe = run_load(&probe, &|cl: &mut Client, _, _| {
+            pool_step(&probe_pool, &next, cl)
+        });
         assert_clean("check", &scenario, &probe);
         let need = ((probe.rps() * per_run * 1.3).ceil() as usize * s.concurrency.len()).max(1000);
         let t = Instant::now();
-        let pool = mint_bearers(
-            key,
-            &d.bench_iss,
-            &format!("fresh-{}", key.name),
-            need,
-            s.cores,
-        );
+        let pool = mint_bearers(d, key, &format!("fresh-{}", key.name), need, s.cores);
         eprintln!(
             "[check] {scenario}: probe {:.0} req/s; minted {need} tokens in {:.1} s ({sign_rate:.0}/s)",
             probe.rps(),
@@ -985,26 +662,14 @@ fn part_check(d: &Daemon, s: &Settings, report: &mut Report) {
         let mut issued = 0;
         for &c in &s.concurrency {
             let load = run_load(
-                d.api,
-                c,
-                s.warmup,
-                s.measure,
-                CLIENT_THREADS,
-                Some(&srv_cpu),
+                &check_load(d.api, c, s.warmup, s.measure),
                 &|cl: &mut Client, _, _| pool_step(&pool, &next, cl),
             );
-            print_load("check", &scenario, &load);
-            assert_clean("check", &scenario, &load);
             issued += load.issued;
             let note = load.exhausted_at.map_or(String::new(), |t| {
                 format!("token pool ran out {t:.2} s into the window")
             });
-            report.rows.push(Row {
-                part: "check",
-                scenario: scenario.clone(),
-                load,
-                note,
-            });
+            report.add_run("check", &scenario, load, note);
         }
         if let (Some(a), Some(b)) = (misses0, d.metric("cache_misses")) {
             report.notes.push(format!(
@@ -1220,7 +885,7 @@ fn part_introspection(s: &Settings, report: &mut Report) {
         "introspection: {} opaque client_credentials tokens (client_secret_basic, form `token=…`), used round-robin; a valid answer looks like `{sample}`",
         bodies.len()
     ));
-    let node_cpu = || http_client::process_cpu_ns(srv.pid);
+    let node_cpu = || host::process_cpu_ns(srv.pid);
     let scenario = "oidc-provider: RFC 7662 introspection";
     // V8 compiles hot code only after a while: a fresh process gets a longer warm-up
     // (unrecorded) than the runs' own, so a short run does not measure the interpreter.
@@ -1230,24 +895,17 @@ fn part_introspection(s: &Settings, report: &mut Report) {
             .chain(s.concurrency.iter().map(|&c| (c, s.warmup, s.measure)))
     {
         let next = AtomicUsize::new(0);
-        let load = run_load(
-            srv.addr,
-            conc,
-            warmup,
-            measure,
-            CLIENT_THREADS,
-            Some(&node_cpu),
-            &|cl: &mut Client, _, _| {
-                let body = &bodies[next.fetch_add(1, Ordering::Relaxed) % bodies.len()];
-                match cl.request("POST", "/token/introspection", &headers, body.as_bytes()) {
-                    Ok((200, b)) if contains(b, br#""active":true"#) => Step::Ok,
-                    Ok((st, b)) => {
-                        Step::Err(format!("status {st}, body {}", String::from_utf8_lossy(b)))
-                    }
-                    Err(e) => Step::Err(e.to_string()),
+        let spec = LoadSpec::new(srv.addr, conc, warmup, measure, CLIENT_THREADS);
+        let load = run_load(&spec.server_cpu(&node_cpu), &|cl: &mut Client, _, _| {
+            let body = &bodies[next.fetch_add(1, Ordering::Relaxed) % bodies.len()];
+            match cl.request("POST", "/token/introspection", &headers, body.as_bytes()) {
+                Ok((200, b)) if contains(b, br#""active":true"#) => Step::Ok,
+                Ok((st, b)) => {
+                    Step::Err(format!("status {st}, body {}", String::from_utf8_lossy(b)))
                 }
-            },
-        );
+                Err(e) => Step::Err(e.to_string()),
+            }
+        });
         if measure.is_zero() {
             assert!(
                 load.issued > 0 && load.first_error.is_none(),
@@ -1261,14 +919,7 @@ fn part_introspection(s: &Settings, report: &mut Report) {
             );
             continue;
         }
-        print_load("introspection", scenario, &load);
-        assert_clean("introspection", scenario, &load);
-        report.rows.push(Row {
-            part: "introspection",
-            scenario: scenario.into(),
-            load,
-            note: String::new(),
-        });
+        report.add_run("introspection", scenario, load, String::new());
     }
     // Ratios against introspection.
     for &c in &s.concurrency {
@@ -1338,7 +989,7 @@ fn part_propagation(d: &Daemon, s: &Settings, report: &mut Report) {
     for (i, (bearer, jti)) in tokens.iter().enumerate() {
         let (st, body) = check_once(&mut c, bearer).unwrap();
         assert!(
-            matches!(judge(Expect::Active, st, &body), Step::Ok),
+            judge(Expect::Active, st, &body).is_ok(),
             "token active before its revocation: {}",
             String::from_utf8_lossy(&body)
         );
@@ -1355,7 +1006,7 @@ fn part_propagation(d: &Daemon, s: &Settings, report: &mut Report) {
         loop {
             polls += 1;
             let (st, body) = check_once(&mut c, bearer).unwrap();
-            if matches!(judge(Expect::Revoked, st, &body), Step::Ok) {
+            if judge(Expect::Revoked, st, &body).is_ok() {
                 break;
             }
             assert!(
@@ -1431,27 +1082,8 @@ fn part_mixed(d: &Daemon, s: &Settings, report: &mut Report) {
                 let due = (t0.elapsed().as_secs_f64() * rate) as u64;
                 while sent < due {
                     let i = sent;
-                    let revocation = match i % 20 {
-                        0 => Revocation::Subject {
-                            iss: iss.clone(),
-                            sub: id_of(NS_SUB, i),
-                            not_before: now,
-                        },
-                        1 => Revocation::Session {
-                            iss: iss.clone(),
-                            sid: id_of(NS_SID, i),
-                        },
-                        2 => Revocation::Client {
-                            iss: iss.clone(),
-                            client_id: format!("client-{}", (i / 20) % 500),
-                            not_before: now,
-                        },
-                        _ => Revocation::Token {
-                            iss: iss.clone(),
-                            jti: id_of(NS_TOKEN, 1 << 40 | i),
-                            exp: Some(now + 3600),
-                        },
-                    };
+                    // Token jtis apart from the background revocations' (`id_of(NS_TOKEN, i)`).
+                    let revocation = mixed_revocation(&iss, i, 1 << 40, now);
                     d.publisher
                         .send(&revocation_event(format!("mixed-{i}"), revocation))
                         .expect("publish");
@@ -1479,12 +1111,7 @@ fn part_mixed(d: &Daemon, s: &Settings, report: &mut Report) {
             samples
         });
         let load = run_load(
-            d.api,
-            conc,
-            s.warmup,
-            s.mixed,
-            CLIENT_THREADS,
-            Some(&srv_cpu),
+            &check_load(d.api, conc, s.warmup, s.mixed),
             &|cl: &mut Client, thread, n| {
                 let bearer = &bearers[(thread * 7919 + n as usize) % bearers.len()];
                 http_step(cl, "/v1/check", bearer, Expect::Active)
@@ -1618,12 +1245,6 @@ fn part_mixed(d: &Daemon, s: &Settings, report: &mut Report) {
 // ---------------------------------------------------------------------------------------
 // Part: scale (children)
 
-const SCALE_ISS: &str = "https://issuer.example.com/realms/bench";
-
-fn scale_retention() -> Retention {
-    Retention::new(Duration::from_secs(24 * 3600), Duration::from_secs(30))
-}
-
 fn cache_bytes() -> u64 {
     StoreConfig::default().cache_bytes
 }
@@ -1631,51 +1252,38 @@ fn cache_bytes() -> u64 {
 /// Child: preload `n` live token entries into a store at `dir`, time lookups, report RSS.
 fn child_scale(n: usize, dir: &Path, lookups: usize) -> Value {
     let rss0 = proc_status_kib("VmRSS:");
-    let d = Denylist::open(dir, cache_bytes(), scale_retention()).expect("open store");
+    let d = Denylist::open(dir, cache_bytes(), retention()).expect("open store");
     let now = revsync::unix_now();
-    let batches = n.div_ceil(BATCH);
+    let batches = n.div_ceil(BATCH) as u64;
     let tail_from = batches - (batches / 10).max(1);
     let (mut in_apply, mut tail, mut slowest) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     let mut tail_events = 0usize;
     let wall = Instant::now();
     let mut last_report = Instant::now();
-    for b in 0..batches {
-        let (start, end) = (b * BATCH, ((b + 1) * BATCH).min(n));
-        let events: Vec<Event> = (start..end)
-            .map(|i| Event {
-                id: format!("e{i}"),
-                event_time: now,
-                revocation: Revocation::Token {
-                    iss: SCALE_ISS.into(),
-                    jti: id_of(NS_TOKEN, i as u64),
-                    exp: Some(now + 3 * 3600),
-                },
-                reason: None,
-            })
-            .collect();
-        let positions = [Position {
-            topic: TOPIC.into(),
-            partition: (b % 4) as i32,
-            next_offset: end as i64,
-        }];
-        let t = Instant::now();
-        let out = d.apply(&events, &positions, now).expect("apply");
-        let took = t.elapsed();
-        assert_eq!(out.changed, events.len(), "every preloaded token is new");
-        in_apply += took;
-        slowest = slowest.max(took);
-        if b >= tail_from {
-            tail += took;
-            tail_events += events.len();
-        }
-        if last_report.elapsed() > Duration::from_secs(10) {
-            eprintln!(
-                "[scale {n}] {end} applied, {:.0} ev/s so far",
-                end as f64 / in_apply.as_secs_f64()
-            );
-            last_report = Instant::now();
-        }
-    }
+    let preload_event = |i, now| token_event(i, now, now + 3 * 3600);
+    apply_batches(
+        &d,
+        0..n as u64,
+        now,
+        preload_event,
+        |b, events, took, out| {
+            let (count, end) = ((events.end - events.start) as usize, events.end);
+            assert_eq!(out.changed, count, "every preloaded token is new");
+            in_apply += took;
+            slowest = slowest.max(took);
+            if b >= tail_from {
+                tail += took;
+                tail_events += count;
+            }
+            if last_report.elapsed() > Duration::from_secs(10) {
+                eprintln!(
+                    "[scale {n}] {end} applied, {:.0} ev/s so far",
+                    end as f64 / in_apply.as_secs_f64()
+                );
+                last_report = Instant::now();
+            }
+        },
+    );
     let wall = wall.elapsed();
     assert_eq!(d.sizes().token, n as u64, "every preloaded token is live");
     let t = Instant::now();
@@ -1685,35 +1293,11 @@ fn child_scale(n: usize, dir: &Path, lookups: usize) -> Value {
     let hwm = proc_status_kib("VmHWM:");
 
     // Lookups: half hits (a preloaded jti), half misses carrying jti, sid, sub, client_id.
-    let mut rng = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
-    let (mut jti, mut sid, mut sub) = (String::new(), String::new(), String::new());
+    let mut mix = LookupMix::new(n);
     let mut all = Vec::with_capacity(lookups);
     let mut wrong = 0usize;
     for _ in 0..lookups {
-        let r = next();
-        let hit = r & 1 == 0;
-        if hit {
-            ident(NS_TOKEN, (r >> 1) % n.max(1) as u64, &mut jti);
-        } else {
-            let k = next();
-            ident(NS_MISS, k, &mut jti);
-            ident(NS_MISS, k ^ 1, &mut sid);
-            ident(NS_MISS, k ^ 2, &mut sub);
-        }
-        let token = TokenRef {
-            iss: SCALE_ISS,
-            jti: Some(&jti),
-            sub: Some(&sub),
-            sid: Some(&sid),
-            client_id: Some("client-not-revoked"),
-            iat: Some(now),
-        };
+        let (token, hit) = mix.next(now);
         let t = Instant::now();
         let found = d.revoked_by(std::hint::black_box(&token)).expect("lookup");
         all.push(t.elapsed().as_nanos() as u64);
@@ -1751,13 +1335,13 @@ fn child_scale(n: usize, dir: &Path, lookups: usize) -> Value {
 fn child_startup(n: usize, dir: &Path) -> Value {
     let rss0 = proc_status_kib("VmRSS:");
     let t = Instant::now();
-    let d = Denylist::open(dir, cache_bytes(), scale_retention()).expect("open store");
+    let d = Denylist::open(dir, cache_bytes(), retention()).expect("open store");
     let open = t.elapsed();
     let rss = proc_status_kib("VmRSS:");
     assert_eq!(d.sizes().token, n as u64, "entries after reopening");
     let jti = id_of(NS_TOKEN, (n / 2) as u64);
     let token = TokenRef {
-        iss: SCALE_ISS,
+        iss: workload::ISS,
         jti: Some(&jti),
         ..TokenRef::default()
     };
@@ -1767,10 +1351,10 @@ fn child_startup(n: usize, dir: &Path) -> Value {
 }
 
 fn child_main(role: &str) {
-    let n = env_count("REVSYNC_TRADEOFF_N", 0);
+    let n = env_count("REVSYNC_TRADEOFF_N").unwrap_or(0);
     let dir = PathBuf::from(std::env::var("REVSYNC_TRADEOFF_DIR").expect("REVSYNC_TRADEOFF_DIR"));
     let out = match role {
-        "scale" => child_scale(n, &dir, env_count("REVSYNC_TRADEOFF_LOOKUPS", 0)),
+        "scale" => child_scale(n, &dir, env_count("REVSYNC_TRADEOFF_LOOKUPS").unwrap_or(0)),
         "startup" => child_startup(n, &dir),
         other => panic!("{CHILD_ENV}={other}: unknown role"),
     };

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use common::broker::{free_port, Broker};
 use common::daemon::{Daemon, DaemonConfig};
 use common::jwt::{claims_with, now, JwksServer, TestKey};
-use http_client::{contains, run_paced_load, Client, Step};
+use http_client::{contains, run_load, Client, LoadSpec, Step};
 use revsync::config::KafkaConfig;
 use revsync::event::{Event, Revocation};
 use revsync::publish::Publisher;
@@ -341,14 +341,15 @@ fn sustained_load_with_a_steady_event_stream_and_gc() {
             }
         };
         let warmup = Duration::from_secs(2);
-        let load = run_paced_load(
+        let spec = LoadSpec::new(
             addr,
             concurrency,
-            (check_rate > 0).then_some(check_rate as f64),
             warmup,
             duration.saturating_sub(warmup),
             "soak-client-",
-            None,
+        );
+        let load = run_load(
+            &spec.rate((check_rate > 0).then_some(check_rate as f64)),
             &step,
         );
         stop.store(true, Ordering::Relaxed);

@@ -1,6 +1,7 @@
-//! A minimal HTTP/1.1 keep-alive client over `std::net::TcpStream` and a closed-loop load
-//! generator on plain threads, shared by the benches (no async runtime of its own, so it
-//! never competes with the server under test for a runtime's workers).
+//! A minimal HTTP/1.1 keep-alive client over `std::net::TcpStream` and a load generator
+//! on plain threads (closed loop, or paced), shared by the benches and tests/soak.rs (no
+//! async runtime of its own, so it never competes with the server under test for a
+//! runtime's workers). CPU clocks to pass it are in `host.rs`.
 //!
 //! Include with `#[path = "support/http_client.rs"] mod http_client;`.
 
@@ -220,7 +221,7 @@ pub enum Step {
     Exhausted,
 }
 
-/// The outcome of one closed-loop run.
+/// The outcome of one load run.
 pub struct Load {
     pub concurrency: usize,
     /// Successful requests started inside the measured window.
@@ -237,6 +238,9 @@ pub struct Load {
     pub exhausted_at: Option<f64>,
     /// What `server_cpu_ns` advanced by over the measured window, if given.
     pub server_cpu_ns: Option<u64>,
+    /// CPU time of the client threads over the measured window, if `thread_cpu_ns` was
+    /// given.
+    pub client_cpu_ns: Option<u64>,
 }
 
 impl Load {
@@ -251,8 +255,16 @@ impl Load {
 
     /// Server CPU per successful measured request, µs.
     pub fn server_cpu_us(&self) -> Option<f64> {
-        self.server_cpu_ns
-            .filter(|_| self.ok > 0)
+        self.per_request_us(self.server_cpu_ns)
+    }
+
+    /// Client CPU per successful measured request, µs.
+    pub fn client_cpu_us(&self) -> Option<f64> {
+        self.per_request_us(self.client_cpu_ns)
+    }
+
+    fn per_request_us(&self, ns: Option<u64>) -> Option<f64> {
+        ns.filter(|_| self.ok > 0)
             .map(|ns| ns as f64 / 1000.0 / self.ok as f64)
     }
 }
@@ -266,53 +278,83 @@ pub fn percentile_us(sorted_ns: &[u64], p: f64) -> f64 {
     sorted_ns[i] as f64 / 1000.0
 }
 
-/// Runs `concurrency` client threads (named `{thread_prefix}{i}`), one keep-alive
-/// connection each, calling `step(client, thread, n)` back to back (n counts that
-/// thread's requests) for `warmup` (not recorded) and then `measure`. Each step is timed
-/// around the call. `server_cpu_ns`, when given, is read when the measured window starts
-/// and after it ends.
-pub fn run_load<F>(
-    addr: SocketAddr,
-    concurrency: usize,
-    warmup: Duration,
-    measure: Duration,
-    thread_prefix: &str,
-    server_cpu_ns: Option<&(dyn Fn() -> u64 + Sync)>,
-    step: &F,
-) -> Load
+/// How to run a load: `concurrency` client threads (named `{thread_prefix}{i}`), one
+/// keep-alive connection each, calling a step function for `warmup` (not recorded) and
+/// then `measure`.
+pub struct LoadSpec<'a> {
+    pub addr: SocketAddr,
+    pub concurrency: usize,
+    /// `None`: closed loop, each thread's requests back to back. `Some(rate)` (requests
+    /// per second, all threads together): each thread starts its requests on a schedule,
+    /// and a request's latency counts from its scheduled start, so a server that falls
+    /// behind is charged for the queueing it causes (no coordinated omission).
+    pub rate: Option<f64>,
+    pub warmup: Duration,
+    pub measure: Duration,
+    pub thread_prefix: &'a str,
+    /// Read when the measured window starts and after it ends: [`Load::server_cpu_ns`].
+    pub server_cpu_ns: Option<&'a (dyn Fn() -> u64 + Sync)>,
+    /// The calling thread's CPU clock (ns), read by each client thread at its first
+    /// measured request and when it stops: [`Load::client_cpu_ns`].
+    pub thread_cpu_ns: Option<fn() -> u64>,
+}
+
+impl<'a> LoadSpec<'a> {
+    /// A closed-loop run measuring no CPU time.
+    pub fn new(
+        addr: SocketAddr,
+        concurrency: usize,
+        warmup: Duration,
+        measure: Duration,
+        thread_prefix: &'a str,
+    ) -> Self {
+        LoadSpec {
+            addr,
+            concurrency,
+            rate: None,
+            warmup,
+            measure,
+            thread_prefix,
+            server_cpu_ns: None,
+            thread_cpu_ns: None,
+        }
+    }
+
+    pub fn rate(self, rate: Option<f64>) -> Self {
+        LoadSpec { rate, ..self }
+    }
+
+    pub fn server_cpu(self, server_cpu_ns: &'a (dyn Fn() -> u64 + Sync)) -> Self {
+        LoadSpec {
+            server_cpu_ns: Some(server_cpu_ns),
+            ..self
+        }
+    }
+
+    pub fn client_cpu(self, thread_cpu_ns: fn() -> u64) -> Self {
+        LoadSpec {
+            thread_cpu_ns: Some(thread_cpu_ns),
+            ..self
+        }
+    }
+}
+
+/// Runs `spec`: each client thread calls `step(client, thread, n)` (n counts that thread's
+/// requests), timed around the call.
+pub fn run_load<F>(spec: &LoadSpec<'_>, step: &F) -> Load
 where
     F: Fn(&mut Client, usize, u64) -> Step + Sync,
 {
-    run_paced_load(
+    let &LoadSpec {
         addr,
         concurrency,
-        None,
+        rate,
         warmup,
         measure,
         thread_prefix,
         server_cpu_ns,
-        step,
-    )
-}
-
-/// [`run_load`] at a fixed rate: with `Some(rate)` (requests per second, all threads
-/// together) each thread starts its requests on a schedule instead of back to back, and a
-/// request's latency counts from its scheduled start, so a server that falls behind is
-/// charged for the queueing it causes (no coordinated omission).
-#[allow(clippy::too_many_arguments)]
-pub fn run_paced_load<F>(
-    addr: SocketAddr,
-    concurrency: usize,
-    rate: Option<f64>,
-    warmup: Duration,
-    measure: Duration,
-    thread_prefix: &str,
-    server_cpu_ns: Option<&(dyn Fn() -> u64 + Sync)>,
-    step: &F,
-) -> Load
-where
-    F: Fn(&mut Client, usize, u64) -> Step + Sync,
-{
+        thread_cpu_ns,
+    } = spec;
     // Per thread: the interval between its requests, and its offset, spreading the
     // threads' schedules evenly over one interval.
     let interval = rate.map(|r| Duration::from_secs_f64(concurrency as f64 / r.max(1e-9)));
@@ -322,6 +364,7 @@ where
         errors: usize,
         issued: usize,
         first_error: Option<String>,
+        cpu_ns: Option<u64>,
     }
     let stop = AtomicBool::new(false);
     let exhausted: OnceLock<Instant> = OnceLock::new();
@@ -341,7 +384,9 @@ where
                             errors: 0,
                             issued: 0,
                             first_error: None,
+                            cpu_ns: None,
                         };
+                        let mut cpu_from = None;
                         let mut client = None;
                         let mut n = 0u64;
                         loop {
@@ -360,6 +405,9 @@ where
                                 break;
                             }
                             let measured = t0 >= measure_from;
+                            if measured && cpu_from.is_none() {
+                                cpu_from = thread_cpu_ns.map(|f| f());
+                            }
                             let c = match client.as_mut() {
                                 Some(c) => c,
                                 None => match Client::connect(addr) {
@@ -401,6 +449,9 @@ where
                                 }
                             }
                         }
+                        out.cpu_ns = cpu_from
+                            .zip(thread_cpu_ns)
+                            .map(|(from, f)| f().saturating_sub(from));
                         out
                     })
                     .expect("spawn client thread")
@@ -438,43 +489,6 @@ where
             .get()
             .map(|t| t.saturating_duration_since(measure_from).as_secs_f64()),
         server_cpu_ns: cpu,
+        client_cpu_ns: thread_cpu_ns.map(|_| outs.iter().filter_map(|o| o.cpu_ns).sum()),
     }
-}
-
-// ---------------------------------------------------------------------------------------
-// CPU time
-
-fn schedstat_ns(dir: &std::path::Path) -> u64 {
-    std::fs::read_to_string(dir.join("schedstat"))
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// Total CPU time (ns) of this process's threads whose name starts with `prefix`.
-pub fn threads_cpu_ns(prefix: &str) -> u64 {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
-        })
-        .map(|t| schedstat_ns(&t.path()))
-        .sum()
-}
-
-/// CPU time (ns) of every thread of process `pid` (utime + stime, 10 ms resolution).
-pub fn process_cpu_ns(pid: u32) -> u64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0;
-    };
-    let Some(close) = s.rfind(')') else {
-        return 0;
-    };
-    let f: Vec<&str> = s[close + 2..].split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    // utime and stime are fields 14 and 15 of stat, 11 and 12 after the command name.
-    (ticks(11) + ticks(12)) * 10_000_000
 }
