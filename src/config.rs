@@ -852,7 +852,18 @@ pub const ASYMMETRIC_ALGORITHMS: &[&str] = &[
 ];
 
 /// Keys whose environment values are always strings, never read as TOML.
-const VERBATIM_ENV_KEYS: &[&str] = &["http.credential", "http.credential_file"];
+const VERBATIM_ENV_KEYS: &[&str] = &[
+    "http.credential",
+    "http.credential_file",
+    "ssf.bearer_secret",
+];
+
+/// Whether the value of the key at `path` is taken as a string whatever it looks like:
+/// secrets, and librdkafka properties (all strings to librdkafka: a numeric
+/// `sasl.password` must not turn into a TOML integer).
+fn verbatim_env_key(path: &str) -> bool {
+    VERBATIM_ENV_KEYS.contains(&path) || path.starts_with("kafka.properties.")
+}
 
 /// Applies `REVSYNC_<SECTION>__<KEY>` (and deeper `__` paths) to the parsed document.
 /// Values are read as TOML when they parse as a TOML value (`true`, `42`, `["a"]`),
@@ -876,7 +887,7 @@ where
             });
         }
         // A secret is a string whatever it looks like (all digits, say).
-        let parsed = if VERBATIM_ENV_KEYS.contains(&keys.join(".").as_str()) {
+        let parsed = if verbatim_env_key(&keys.join(".")) {
             toml::Value::String(value)
         } else {
             parse_env_value(&value)
@@ -1272,6 +1283,29 @@ audiences = ["https://api.example.com"]
         ];
         let c = Config::parse(MINIMAL, env).unwrap();
         assert_eq!(c.http.credential.as_deref(), Some(CREDENTIAL));
+    }
+
+    #[test]
+    fn secrets_and_kafka_properties_from_the_environment_stay_strings() {
+        let text = format!("{MINIMAL}\n[ssf]\nbearer_secret = \"x\"\n");
+        let env = vec![
+            (
+                "REVSYNC_SSF__BEARER_SECRET".to_string(),
+                "12345678901234567890".to_string(),
+            ),
+            (
+                "REVSYNC_KAFKA__PROPERTIES__SASL.PASSWORD".to_string(),
+                "0012345".to_string(),
+            ),
+            (
+                "REVSYNC_KAFKA__PROPERTIES__LINGER.MS".to_string(),
+                "5".to_string(),
+            ),
+        ];
+        let c = Config::parse(&text, env).unwrap();
+        assert_eq!(c.ssf.unwrap().bearer_secret, "12345678901234567890");
+        assert_eq!(c.kafka.properties["sasl.password"], "0012345");
+        assert_eq!(c.kafka.properties["linger.ms"], "5");
     }
 
     #[test]
