@@ -10,14 +10,14 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Method, StatusCode};
 use base64::Engine;
 use common::broker::{free_port, Broker};
-use common::daemon::{Daemon, DaemonConfig};
+use common::daemon::{cli as revsync, Daemon, DaemonConfig};
 use common::jwt::{claims_with, now, JwksServer, TestKey};
 use common::router::{Harness, Opts, Resp};
 use serde_json::{json, Value};
@@ -490,40 +490,9 @@ async fn without_a_configured_credential_nothing_changes() {
 // ---------------------------------------------------------------------------------------
 // The daemon
 
-/// `revsync ARGS` with only `env` as its config environment, stdin from `stdin`.
-fn revsync(args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Output {
-    let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("REVSYNC_") && (k.contains("__") || k == "REVSYNC_CONFIG") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.args(args)
-        .env("RUST_LOG", "warn")
-        .envs(env.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("run revsync");
-    {
-        use std::io::Write;
-        let mut input = child.stdin.take().unwrap();
-        if let Some(text) = stdin {
-            input.write_all(text.as_bytes()).unwrap();
-        }
-    }
-    child.wait_with_output().unwrap()
-}
-
 /// `revsync run` that must exit by itself within 20 s: its exit code and stderr.
 fn run_expecting_exit(args: &[&str]) -> (Option<i32>, String) {
-    let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("REVSYNC_") && (k.contains("__") || k == "REVSYNC_CONFIG") {
-            cmd.env_remove(k);
-        }
-    }
-    let mut child = cmd
+    let mut child = common::daemon::cli_command(&[])
         .args(args)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -724,53 +693,23 @@ async fn a_daemon_beyond_loopback_with_a_credential_serves_it() {
     // The CLI sends the credential it finds in the config file or the environment.
     let base = format!("http://127.0.0.1:{port}");
     let cfg = config.to_str().unwrap();
-    let out = revsync(
-        &["check", "--url", &base, "--config", cfg],
-        &[],
-        Some(&token),
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = revsync(
-        &["check", "--url", &base],
-        &[("REVSYNC_CONFIG", cfg)],
-        Some(&token),
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = revsync(
-        &["check", "--url", &base],
-        &[("REVSYNC_HTTP__CREDENTIAL", SECRET)],
-        Some(&token),
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = revsync(
-        &["check", "--url", &base],
-        &[(
-            "REVSYNC_HTTP__CREDENTIAL_FILE",
-            secret_file.to_str().unwrap(),
-        )],
-        Some(&token),
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let secret_path = secret_file.to_str().unwrap();
+    let with_config: &[&str] = &["check", "--url", &base, "--config", cfg];
+    let plain: &[&str] = &["check", "--url", &base];
+    for (args, env) in [
+        (with_config, vec![]),
+        (plain, vec![("REVSYNC_CONFIG", cfg)]),
+        (plain, vec![("REVSYNC_HTTP__CREDENTIAL", SECRET)]),
+        (plain, vec![("REVSYNC_HTTP__CREDENTIAL_FILE", secret_path)]),
+    ] {
+        let out = revsync(args, &env, Some(&token));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?} {env:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let out = revsync(&["check", "--url", &base], &[], Some(&token));
     assert_eq!(out.status.code(), Some(2), "refused without the credential");
     assert!(String::from_utf8_lossy(&out.stdout).contains("unauthorized"));

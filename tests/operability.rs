@@ -8,13 +8,13 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::broker::{free_port, wait_for_port, Broker};
-use common::daemon::DaemonConfig;
+use common::daemon::{cli as revsync, cli_command as command, DaemonConfig};
 use common::jwt::{claims_with, now, JwksServer, TestKey};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -22,43 +22,9 @@ use tokio::net::TcpStream;
 
 const AUD: &str = "https://api.example.com";
 const TOPIC: &str = "revocations";
-const BIN: &str = env!("CARGO_BIN_EXE_revsync");
 
 // ---------------------------------------------------------------------------------------
 // Helpers
-
-/// A `revsync` command whose environment has no config overrides but `env` (the test's
-/// own environment is never changed; overrides it may have inherited are not passed on).
-fn command(env: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("REVSYNC_") && (k.contains("__") || k == "REVSYNC_CONFIG") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.envs(env.iter().copied());
-    cmd
-}
-
-/// `revsync ARGS` with `env` added to the child's environment (never the test's) and
-/// stdin from `stdin`; waits for it.
-fn revsync(args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Output {
-    let mut cmd = command(&[("RUST_LOG", "warn")]);
-    cmd.args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("run revsync");
-    {
-        use std::io::Write;
-        let mut input = child.stdin.take().unwrap();
-        if let Some(text) = stdin {
-            input.write_all(text.as_bytes()).unwrap();
-        }
-    }
-    child.wait_with_output().unwrap()
-}
 
 /// A minimal valid config for `config check`, with `extra` appended.
 fn config_text(extra: &str) -> String {

@@ -247,3 +247,37 @@ pub fn publish(broker: &Broker, topic: &str, what: &[&str]) -> Output {
     );
     out
 }
+
+/// The `revsync` binary as a command, with the test process's own `REVSYNC_*`
+/// configuration variables removed (a developer's environment never leaks into a test)
+/// and `env` added.
+pub fn cli_command(env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_revsync"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("REVSYNC_") && (k.contains("__") || k == "REVSYNC_CONFIG") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(env.iter().copied());
+    cmd
+}
+
+/// `revsync ARGS` (logging at warn) with `env` added to the child's environment (never
+/// the test's) and stdin from `stdin`; waits for it.
+pub fn cli(args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Output {
+    let mut cmd = cli_command(&[("RUST_LOG", "warn")]);
+    cmd.args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("run revsync");
+    {
+        use std::io::Write;
+        let mut input = child.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).unwrap();
+        }
+    }
+    child.wait_with_output().unwrap()
+}
