@@ -516,6 +516,33 @@ struct Origin {
 }
 
 impl Reader {
+    /// Runs a store write until it succeeds, flagging the store failing (not ready, no
+    /// `active` answers) and counting each failure meanwhile; `None` if shutdown came
+    /// first. Nothing is skipped: the reader holds its place until the write lands.
+    fn write_store<T>(
+        &self,
+        what: &str,
+        mut write: impl FnMut() -> Result<T, crate::denylist::StoreError>,
+    ) -> Option<T> {
+        loop {
+            match write() {
+                Ok(out) => {
+                    self.state.store_failing.store(false, Ordering::Release);
+                    return Some(out);
+                }
+                Err(e) => {
+                    self.state.store_failing.store(true, Ordering::Release);
+                    self.metrics.store_errors.inc();
+                    error!(error = %e, what, "cannot write to the store; retrying");
+                    if self.shutdown.is_cancelled() {
+                        return None;
+                    }
+                    std::thread::sleep(STORE_RETRY);
+                }
+            }
+        }
+    }
+
     fn run(mut self) {
         let mut topic_labels: Vec<TopicLabels> = Vec::new();
         while !self.shutdown.is_cancelled() {
@@ -666,28 +693,16 @@ impl Reader {
                 next_offset,
             })
             .collect();
-        loop {
-            match self.denylist.apply(events, &positions, unix_now()) {
-                Ok(outcome) => {
-                    self.state.store_failing.store(false, Ordering::Release);
-                    debug!(
-                        events = events.len(),
-                        changed = outcome.changed,
-                        "applied batch"
-                    );
-                    break;
-                }
-                Err(e) => {
-                    self.state.store_failing.store(true, Ordering::Release);
-                    self.metrics.store_errors.inc();
-                    error!(error = %e, "cannot write batch to the store; retrying");
-                    if self.shutdown.is_cancelled() {
-                        return;
-                    }
-                    std::thread::sleep(STORE_RETRY);
-                }
-            }
-        }
+        let Some(outcome) = self.write_store("batch", || {
+            self.denylist.apply(events, &positions, unix_now())
+        }) else {
+            return;
+        };
+        debug!(
+            events = events.len(),
+            changed = outcome.changed,
+            "applied batch"
+        );
         self.metrics.batches_applied.inc();
         let now_ms = unix_now_ms() as i64;
         let mut per_topic = vec![0u64; labels.len()];
@@ -862,22 +877,11 @@ impl Reader {
             partition: r.partition,
             next_offset: to,
         };
-        loop {
-            match self.denylist.reset_position(&position) {
-                Ok(_) => {
-                    self.state.store_failing.store(false, Ordering::Release);
-                    break;
-                }
-                Err(e) => {
-                    self.state.store_failing.store(true, Ordering::Release);
-                    self.metrics.store_errors.inc();
-                    error!(error = %e, "cannot store the reset position; retrying");
-                    if self.shutdown.is_cancelled() {
-                        return;
-                    }
-                    std::thread::sleep(STORE_RETRY);
-                }
-            }
+        if self
+            .write_store("reset position", || self.denylist.reset_position(&position))
+            .is_none()
+        {
+            return;
         }
         self.stored.insert(key.clone(), to);
         self.state.set_position(&r.topic, r.partition, to);
