@@ -280,18 +280,5 @@ pub fn get_text(url: &str) -> Option<String> {
 /// A tiny blocking HTTP/1.1 GET returning the JSON body: keeps sync tests free of an
 /// async runtime.
 pub fn get_json(url: &str) -> Option<serde_json::Value> {
-    use std::io::{Read, Write};
-    let rest = url.strip_prefix("http://")?;
-    let (host, path) = rest.split_once('/')?;
-    let mut s = TcpStream::connect(host).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let body = buf.split_once("\r\n\r\n")?.1;
-    serde_json::from_str(body).ok()
+    serde_json::from_str(&get_text(url)?).ok()
 }
