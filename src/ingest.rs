@@ -351,6 +351,9 @@ fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
 const CONSUMER_QUEUE_DEFAULTS: &[(&str, &str)] = &[
     ("queued.min.messages", "20000"),
     ("queued.max.messages.kbytes", "16384"),
+    // Default 1000 ms: with a bounded queue, a reader draining it would wait that long
+    // for the next fetch (measured: replay of 300k at 20k/s instead of 68k/s).
+    ("fetch.queue.backoff.ms", "5"),
 ];
 
 /// Starts the reader and watcher threads, for topics of the `native` and `keycloak`
