@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use common::broker::{eventually, Broker, Storage};
+use common::broker::{eventually, Broker};
 use common::daemon::{Daemon, DaemonConfig};
 use common::ingest::Ingesting;
 use revsync::config::{KafkaConfig, TopicConfig};
@@ -383,11 +383,9 @@ fn status(daemon: &Daemon) -> Option<serde_json::Value> {
 
 #[test]
 fn kill_9_during_a_large_stream_loses_nothing() {
-    // SQLite storage: Tansu's memory:// storage cannot serve a fetch that starts inside a
-    // record batch (it answers from the next batch, or nothing), and a daemon killed
-    // mid-stream resumes at exactly such a position.
+    // Killed mid-stream, the daemon resumes inside a record batch: see Broker::sqlite.
     let log = tempfile::tempdir().unwrap();
-    let broker = Broker::start(Storage::Sqlite(log.path().join("log.db")));
+    let broker = Broker::sqlite(log.path());
     broker.create_topic("rev", 2);
     let dir = tempfile::tempdir().unwrap();
     let port = common::broker::free_port();

@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::broker::{free_port, Broker, Storage};
+use common::broker::{free_port, Broker};
 use common::daemon::{Daemon, DaemonConfig};
 use common::jwt::{claims_with, now, JwksServer, TestKey};
 use http_client::{contains, run_load, Client, LoadSpec, Step};
@@ -155,7 +155,7 @@ fn sustained_load_with_a_steady_event_stream_and_gc() {
     let log_dir = tempfile::tempdir().unwrap();
     let broker = match std::env::var("REVSYNC_SOAK_BROKER").as_deref() {
         Ok("memory") => Broker::memory(),
-        _ => Broker::start(Storage::Sqlite(log_dir.path().join("log.db"))),
+        _ => Broker::sqlite(log_dir.path()),
     };
     broker.create_topic(TOPIC, 3);
     let dir = tempfile::tempdir().unwrap();

@@ -215,11 +215,9 @@ fn an_unwritable_store_at_start_is_a_clear_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_full_disk_is_grown_a_restart_loses_nothing() {
     use common::daemon::{Daemon, DaemonConfig};
-    // SQLite storage: Tansu's memory:// storage cannot serve a fetch that starts inside a
-    // record batch (it answers from the next batch, or nothing), and a daemon killed
-    // mid-stream resumes at exactly such a position.
+    // Restarted mid-stream, the daemon resumes inside a record batch: see Broker::sqlite.
     let log = tempfile::tempdir().unwrap();
-    let broker = Broker::start(common::broker::Storage::Sqlite(log.path().join("log.db")));
+    let broker = Broker::sqlite(log.path());
     broker.create_topic("rev", 1);
     let key = TestKey::ec_p256("k1");
     let jwks = JwksServer::with_keys(&[&key]).await;

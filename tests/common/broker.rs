@@ -78,6 +78,14 @@ impl Broker {
         b
     }
 
+    /// A broker whose log is a SQLite file in `dir`: it survives broker restarts, and it
+    /// serves a fetch from any offset. (memory:// cannot serve a fetch that starts inside
+    /// a record batch — it answers from the next batch, or nothing — so a daemon killed
+    /// mid-stream, which resumes at such an offset, would skip records.)
+    pub fn sqlite(dir: &Path) -> Self {
+        Self::start(Storage::Sqlite(dir.join("log.db")))
+    }
+
     pub fn memory() -> Self {
         Self::start(Storage::Memory)
     }
