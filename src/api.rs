@@ -196,14 +196,16 @@ pub struct Credential {
 impl Credential {
     pub fn new(secret: &str) -> Self {
         Credential {
-            digest: sha256(secret.as_bytes()),
+            digest: crate::token::sha256(secret.as_bytes()),
         }
     }
 
     fn matches(&self, presented: &[u8]) -> bool {
-        let equal =
-            aws_lc_rs::constant_time::verify_slices_are_equal(&sha256(presented), &self.digest)
-                .is_ok();
+        let equal = aws_lc_rs::constant_time::verify_slices_are_equal(
+            &crate::token::sha256(presented),
+            &self.digest,
+        )
+        .is_ok();
         equal && !presented.is_empty()
     }
 }
@@ -212,13 +214,6 @@ impl std::fmt::Debug for Credential {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Credential(<redacted>)")
     }
-}
-
-fn sha256(bytes: &[u8]) -> [u8; 32] {
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest.as_ref());
-    out
 }
 
 /// What a path needs of a client when a credential is configured.
