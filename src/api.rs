@@ -741,8 +741,14 @@ async fn authz(State(s): State<AppState>, headers: Authorization) -> Response {
     }
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+/// Live while the process serves and its store takes writes: a store that failed and
+/// cannot be reopened leaves the process up but useless, and a supervisor that restarts
+/// it on this answer may get it back (the cause is in the log, never in the body).
+async fn healthz(State(s): State<AppState>) -> Response {
+    if s.checker.denylist.failure().is_some() || s.checker.ingest.store_failing() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "store failing\n").into_response();
+    }
+    "ok\n".into_response()
 }
 
 #[derive(Serialize)]

@@ -1,9 +1,9 @@
-//! The sled denylist: applies batches of revocations together with the Kafka positions
-//! they were read up to, in one atomic write (invariant 2); answers "is this token
-//! revoked?" (DESIGN.md's model); drops entries that can no longer matter (invariant 4).
+//! The sled denylist: applies batches of revocations and then the Kafka positions they
+//! were read up to (invariant 2: a durable position is never ahead of durable data);
+//! answers "is this token revoked?" (the revocation model); drops entries that can no
+//! longer matter (invariant 4).
 //!
-//! Everything lives in one sled tree so a single `Batch` is atomic across entries,
-//! positions, the expiry index and the counters. Keys start with a kind byte:
+//! Everything lives in one sled tree. Keys start with a kind byte:
 //!
 //! | prefix | key | value |
 //! |---|---|---|
@@ -11,7 +11,6 @@
 //! | `I` | kind, issuer | not_before u64, expiry u64 |
 //! | `X` | bucket end (unix s) u64, sequence u64 | entry keys (u16 length-prefixed) expiring in that bucket |
 //! | `P` | topic (length-prefixed), partition i32 | next offset i64 |
-//! | `N` | kind | live-entry count u64 |
 //!
 //! `primary` is `not_before` for subject/client/issuer, the latest `event_time` for a
 //! session, and the token's `exp` (0 when unknown) for a token. The expiry log groups a
@@ -22,12 +21,22 @@
 //! listed again in its later bucket). Every merge is a `max`, so
 //! apply is idempotent and commutative (invariant 1). Writers (apply, GC) are serialized by
 //! a mutex because merges read before they write; readers never wait.
+//!
+//! sled 0.34's `Batch` is atomic across a crash but not across a failed write: it is
+//! applied key by key in hash order, and a write failing midway (a full disk) leaves the
+//! keys already written, which a restart recovers as ordinary writes. So nothing relies
+//! on one batch being all or nothing: [`Denylist::apply`] writes the expiry log, then the
+//! entries, flushes, and only then the positions; GC removes entries before the records
+//! listing them; live-entry counts and the in-memory index are derived from what is
+//! stored when the store is opened. After a failed write sled refuses every write until
+//! the database is opened again, so the store reports itself failed
+//! ([`Denylist::failure`]) until [`Denylist::reopen`].
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
@@ -67,6 +76,9 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("store: corrupt entry under key prefix {0:?}")]
     Corrupt(char),
+    /// A write failed earlier; the store takes none until it is reopened.
+    #[error("store failed: {0}")]
+    Failed(String),
 }
 
 /// How long entries of an issuer matter: its longest token lifetime and clock leeway.
@@ -245,12 +257,41 @@ pub struct ApplyOutcome {
 }
 
 pub struct Denylist {
-    db: sled::Db,
-    tree: sled::Tree,
+    /// The open database; `None` only between closing a failed one and opening it again.
+    store: RwLock<Option<Store>>,
+    /// Where the store lives and its page cache size, to reopen it; `None` for a
+    /// temporary store.
+    location: Option<(PathBuf, u64)>,
     retention: Retention,
     write: Mutex<()>,
     counts: [AtomicU64; 5],
     index: Index,
+    /// Why the store stopped taking writes. sled 0.34 keeps an I/O error (a full disk)
+    /// until the database is opened again, so nothing is written until [`Self::reopen`].
+    failure: RwLock<Option<String>>,
+    /// `failure` is set (read on every write, so kept apart from the lock).
+    failing: AtomicBool,
+}
+
+struct Store {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+impl Store {
+    fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        Self::new(db)
+    }
+
+    fn new(db: sled::Db) -> Result<Self, StoreError> {
+        let tree = db.open_tree("denylist")?;
+        Ok(Self { db, tree })
+    }
 }
 
 /// The read side of the store, in memory: every live entry's 128-bit keyed hash and its
@@ -340,56 +381,163 @@ impl Index {
         let mut shard = self.shard(k).write().unwrap_or_else(|p| p.into_inner());
         shard.remove(&k);
     }
+
+    /// Replaces the whole index with `entries` (key, primary). The new maps are built
+    /// first, so a lookup never waits for the scan.
+    fn rebuild(
+        &self,
+        entries: impl Iterator<Item = (sled::IVec, u64)>,
+    ) -> Vec<HashMap<IndexKey, u64, IdentityBuild>> {
+        let mut fresh: Vec<HashMap<IndexKey, u64, IdentityBuild>> = (0..INDEX_SHARDS)
+            .map(|_| HashMap::with_hasher(IdentityBuild))
+            .collect();
+        for (entry, primary) in entries {
+            let k = self.key(&entry);
+            fresh[(k.1 % INDEX_SHARDS as u64) as usize].insert(k, primary);
+        }
+        fresh
+    }
+
+    fn replace(&self, fresh: Vec<HashMap<IndexKey, u64, IdentityBuild>>) {
+        for (shard, mut map) in self.shards.iter().zip(fresh) {
+            std::mem::swap(
+                &mut *shard.write().unwrap_or_else(|p| p.into_inner()),
+                &mut map,
+            );
+        }
+    }
 }
 
 impl Denylist {
     /// Opens (or creates) the store at `path` with a page cache of `cache_bytes`.
     pub fn open(path: &Path, cache_bytes: u64, retention: Retention) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
-            .mode(sled::Mode::HighThroughput)
-            .open()?;
-        Self::from_db(db, retention)
+        let store = Store::open(path, cache_bytes)?;
+        Self::with_store(store, Some((path.to_path_buf(), cache_bytes)), retention)
     }
 
-    /// A store that lives in memory only (tests, benchmarks).
+    /// A store that lives in memory only (tests, benchmarks); it cannot be reopened.
     pub fn temporary(retention: Retention) -> Result<Self, StoreError> {
-        let db = sled::Config::new().temporary(true).open()?;
-        Self::from_db(db, retention)
+        let store = Store::new(sled::Config::new().temporary(true).open()?)?;
+        Self::with_store(store, None, retention)
     }
 
-    fn from_db(db: sled::Db, retention: Retention) -> Result<Self, StoreError> {
-        let tree = db.open_tree("denylist")?;
-        let counts: [AtomicU64; 5] = Default::default();
-        for (i, (kind, _)) in KINDS.iter().enumerate() {
-            if let Some(v) = tree.get([COUNT, *kind])? {
-                counts[i].store(
-                    read_u64(&v, 0).ok_or(StoreError::Corrupt('N'))?,
-                    Ordering::Relaxed,
-                );
-            }
-        }
-        migrate_legacy_buckets(&tree)?;
-        let index = Index::new();
-        for (kind, _) in KINDS {
-            for item in tree.scan_prefix([kind]) {
-                let (k, v) = item?;
-                index.set(&k, decode_entry(&v)?[0]);
-            }
-        }
-        Ok(Self {
-            db,
-            tree,
+    fn with_store(
+        store: Store,
+        location: Option<(PathBuf, u64)>,
+        retention: Retention,
+    ) -> Result<Self, StoreError> {
+        let denylist = Self {
+            store: RwLock::new(None),
+            location,
             retention,
             write: Mutex::new(()),
-            counts,
-            index,
-        })
+            counts: Default::default(),
+            index: Index::new(),
+            failure: RwLock::new(None),
+            failing: AtomicBool::new(false),
+        };
+        denylist.load(store)?;
+        Ok(denylist)
     }
 
-    /// Applies `events` and records `positions` in one atomic write. Events whose effect
-    /// has already lapsed at `now` are not stored.
+    /// Makes `store` the one in use, with the counts and the index taken from what it
+    /// holds: after a failed write it may hold part of a batch, and the in-memory view
+    /// must follow what is stored, not what a write believed it changed.
+    fn load(&self, store: Store) -> Result<(), StoreError> {
+        migrate_legacy_buckets(&store.tree)?;
+        drop_legacy_counts(&store.tree)?;
+        let mut counts = [0u64; 5];
+        let mut entries = Vec::new();
+        for (i, (kind, _)) in KINDS.iter().enumerate() {
+            for item in store.tree.scan_prefix([*kind]) {
+                let (k, v) = item?;
+                entries.push((k, decode_entry(&v)?[0]));
+                counts[i] += 1;
+            }
+        }
+        let fresh = self.index.rebuild(entries.into_iter());
+        self.index.replace(fresh);
+        for (count, n) in self.counts.iter().zip(counts) {
+            count.store(n, Ordering::Relaxed);
+        }
+        *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(store);
+        Ok(())
+    }
+
+    /// Why the store refuses writes, if it does: nothing is written until [`Self::reopen`]
+    /// succeeds.
+    pub fn failure(&self) -> Option<String> {
+        if !self.failing.load(Ordering::Acquire) {
+            return None;
+        }
+        self.failure
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records that a write failed: sled keeps its I/O error until the database is
+    /// opened again, so every later write would fail too, and what the failed write
+    /// left in memory may differ from what reached the disk.
+    fn fail(&self, error: StoreError) -> StoreError {
+        let mut failure = self.failure.write().unwrap_or_else(|p| p.into_inner());
+        if failure.is_none() {
+            tracing::error!(error = %error, "the store refused a write: no more writes until it is reopened");
+            *failure = Some(error.to_string());
+        }
+        self.failing.store(true, Ordering::Release);
+        error
+    }
+
+    /// Closes the failed database and opens it again from disk (sled clears its I/O
+    /// error only then), recounting the entries and rebuilding the index from what is
+    /// stored. Whatever was written but not flushed may be gone: positions are only
+    /// ever stored after the data they cover was flushed, so reading on from the stored
+    /// positions applies it again.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((path, cache_bytes)) = &self.location else {
+            return Err(StoreError::Failed(
+                "a temporary store cannot be reopened".into(),
+            ));
+        };
+        // sled locks its directory: the old handle must be gone before it opens again.
+        drop(self.store.write().unwrap_or_else(|p| p.into_inner()).take());
+        self.load(Store::open(path, *cache_bytes)?)?;
+        *self.failure.write().unwrap_or_else(|p| p.into_inner()) = None;
+        self.failing.store(false, Ordering::Release);
+        tracing::info!(store = %path.display(), "store reopened");
+        Ok(())
+    }
+
+    /// The open store, unless a write failed since it was opened.
+    fn usable<'a>(
+        &self,
+        store: &'a std::sync::RwLockReadGuard<'_, Option<Store>>,
+    ) -> Result<&'a Store, StoreError> {
+        match (store.as_ref(), self.failure()) {
+            (Some(s), None) => Ok(s),
+            (_, Some(why)) => Err(StoreError::Failed(why)),
+            (None, None) => Err(StoreError::Failed("store closed".into())),
+        }
+    }
+
+    fn read_store(&self) -> std::sync::RwLockReadGuard<'_, Option<Store>> {
+        self.store.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies `events` durably, then records `positions` (invariant 2: a durable
+    /// position is never ahead of durable data). Three writes, in this order:
+    /// 1. the expiry-log records of the changed entries;
+    /// 2. the entries themselves — sled 0.34 applies a batch key by key, in hash order,
+    ///    and a write that fails midway (a full disk) leaves the keys already written;
+    ///    with the expiry log first, an entry that landed is always listed in it;
+    /// 3. after a flush made 1 and 2 durable, the positions. They need no flush of their
+    ///    own: lost in a crash, the batch is read again, and applying is idempotent.
+    ///
+    /// Returns once the events are on disk, so callers may acknowledge them (a 202 from
+    /// the push receiver). Events whose effect has already lapsed at `now` are not
+    /// stored. Any error leaves the store failed until [`Self::reopen`].
     pub fn apply(
         &self,
         events: &[Event],
@@ -397,11 +545,24 @@ impl Denylist {
         now: u64,
     ) -> Result<ApplyOutcome, StoreError> {
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = self.read_store();
+        let store = self.usable(&guard)?;
+        self.apply_to(store, events, positions, now)
+            .map_err(|e| self.fail(e))
+    }
+
+    fn apply_to(
+        &self,
+        store: &Store,
+        events: &[Event],
+        positions: &[Position],
+        now: u64,
+    ) -> Result<ApplyOutcome, StoreError> {
         let mut outcome = ApplyOutcome::default();
         // Later events in the same batch must merge with earlier ones, not with the
         // stored value, so pending writes are tracked here.
         let mut pending: HashMap<Vec<u8>, [u64; 2]> = HashMap::new();
-        let mut batch = sled::Batch::default();
+        let mut entries = sled::Batch::default();
         let mut count_delta = [0i64; 5];
         let mut expiring: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         for event in events {
@@ -413,7 +574,11 @@ impl Denylist {
             let key = entry_key(kind, iss, id);
             let old = match pending.get(&key) {
                 Some(v) => Some(*v),
-                None => self.tree.get(&key)?.map(|v| decode_entry(&v)).transpose()?,
+                None => store
+                    .tree
+                    .get(&key)?
+                    .map(|v| decode_entry(&v))
+                    .transpose()?,
             };
             let new = match old {
                 Some([p, x]) => [p.max(primary), x.max(expiry)],
@@ -432,26 +597,38 @@ impl Denylist {
                     .or_default();
                 push_prefixed(list, &key);
             }
-            batch.insert(key.clone(), &encode_entry(new)[..]);
+            entries.insert(key.clone(), &encode_entry(new)[..]);
             pending.insert(key, new);
             outcome.changed += 1;
         }
-        for (bucket, list) in expiring {
-            for chunk in split_prefixed_list(&list, EXPIRY_RECORD_MAX) {
-                batch.insert(expiry_key(bucket, self.db.generate_id()?), chunk);
+        if !expiring.is_empty() {
+            let mut log = sled::Batch::default();
+            for (bucket, list) in expiring {
+                for chunk in split_prefixed_list(&list, EXPIRY_RECORD_MAX) {
+                    log.insert(expiry_key(bucket, store.db.generate_id()?), chunk);
+                }
             }
+            store.tree.apply_batch(log)?;
         }
-        for p in positions {
-            batch.insert(
-                position_key(&p.topic, p.partition),
-                &p.next_offset.to_be_bytes()[..],
-            );
+        if !pending.is_empty() {
+            store.tree.apply_batch(entries)?;
         }
-        self.stage_counts(&mut batch, &count_delta);
-        self.tree.apply_batch(batch)?;
+        store.db.flush()?;
+        // Only now do checks and counts see the batch: whatever revsync acts on or
+        // reports is on disk.
         self.commit_counts(&count_delta);
         for (key, [primary, _]) in &pending {
             self.index.set(key, *primary);
+        }
+        if !positions.is_empty() {
+            let mut batch = sled::Batch::default();
+            for p in positions {
+                batch.insert(
+                    position_key(&p.topic, p.partition),
+                    &p.next_offset.to_be_bytes()[..],
+                );
+            }
+            store.tree.apply_batch(batch)?;
         }
         Ok(outcome)
     }
@@ -460,16 +637,23 @@ impl Denylist {
     /// of buckets that ended at or before `now`.
     pub fn gc(&self, now: u64, limit: usize) -> Result<GcOutcome, StoreError> {
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        let mut batch = sled::Batch::default();
+        let guard = self.read_store();
+        let store = self.usable(&guard)?;
+        self.gc_in(store, now, limit).map_err(|e| self.fail(e))
+    }
+
+    fn gc_in(&self, store: &Store, now: u64, limit: usize) -> Result<GcOutcome, StoreError> {
+        let mut entries = sled::Batch::default();
+        let mut records = sled::Batch::default();
         let mut count_delta = [0i64; 5];
         let mut removed: HashSet<Vec<u8>> = HashSet::new();
         let end = expiry_key(now.saturating_add(1), 0);
-        let mut records = 0;
-        for item in self.tree.range(vec![EXPIRY]..end).take(limit) {
+        let mut walked = 0;
+        for item in store.tree.range(vec![EXPIRY]..end).take(limit) {
             let (xkey, list) = item?;
             let bucket_end = read_u64(&xkey, 1).ok_or(StoreError::Corrupt('X'))?;
-            batch.remove(xkey);
-            records += 1;
+            records.remove(xkey);
+            walked += 1;
             let mut rest = &list[..];
             while !rest.is_empty() {
                 let (entry, tail) = split_prefixed(rest).ok_or(StoreError::Corrupt('X'))?;
@@ -477,7 +661,7 @@ impl Denylist {
                 if removed.contains(entry) {
                     continue;
                 }
-                let Some(v) = self.tree.get(entry)? else {
+                let Some(v) = store.tree.get(entry)? else {
                     continue;
                 };
                 // Extended past this bucket since it was listed here: the bucket of its
@@ -487,16 +671,22 @@ impl Denylist {
                 if decode_entry(&v)?[1] >= bucket_end {
                     continue;
                 }
-                batch.remove(entry);
+                entries.remove(entry);
                 count_delta[kind_index(entry[0])] -= 1;
                 removed.insert(entry.to_vec());
             }
         }
-        self.stage_counts(&mut batch, &count_delta);
-        self.tree.apply_batch(batch)?;
-        self.commit_counts(&count_delta);
-        for entry in &removed {
-            self.index.remove(entry);
+        // The entries first, then the records listing them: a write failing midway must
+        // never leave an entry that no record lists (it would never be dropped).
+        if !removed.is_empty() {
+            store.tree.apply_batch(entries)?;
+            self.commit_counts(&count_delta);
+            for entry in &removed {
+                self.index.remove(entry);
+            }
+        }
+        if walked > 0 {
+            store.tree.apply_batch(records)?;
         }
         Ok(GcOutcome {
             dropped: KINDS
@@ -505,17 +695,8 @@ impl Denylist {
                 .filter(|(i, _)| count_delta[*i] != 0)
                 .map(|(i, (_, name))| (*name, count_delta[i].unsigned_abs()))
                 .collect(),
-            more: records == limit,
+            more: walked == limit,
         })
-    }
-
-    fn stage_counts(&self, batch: &mut sled::Batch, delta: &[i64; 5]) {
-        for (i, (kind, _)) in KINDS.iter().enumerate() {
-            if delta[i] != 0 {
-                let v = (self.counts[i].load(Ordering::Relaxed) as i64 + delta[i]).max(0) as u64;
-                batch.insert(&[COUNT, *kind][..], &v.to_be_bytes()[..]);
-            }
-        }
     }
 
     fn commit_counts(&self, delta: &[i64; 5]) {
@@ -559,10 +740,15 @@ impl Denylist {
     /// lands inside a batch; returns the position it replaced.
     pub fn reset_position(&self, position: &Position) -> Result<Option<i64>, StoreError> {
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        let old = self.tree.insert(
-            position_key(&position.topic, position.partition),
-            &position.next_offset.to_be_bytes()[..],
-        )?;
+        let guard = self.read_store();
+        let store = self.usable(&guard)?;
+        let old = store
+            .tree
+            .insert(
+                position_key(&position.topic, position.partition),
+                &position.next_offset.to_be_bytes()[..],
+            )
+            .map_err(|e| self.fail(e.into()))?;
         old.map(|v| {
             (&v[..])
                 .try_into()
@@ -574,8 +760,10 @@ impl Denylist {
 
     /// Stored positions: the next offset of each (topic, partition).
     pub fn positions(&self) -> Result<Vec<Position>, StoreError> {
+        let guard = self.read_store();
+        let store = self.usable(&guard)?;
         let mut out = Vec::new();
-        for item in self.tree.scan_prefix([POSITION]) {
+        for item in store.tree.scan_prefix([POSITION]) {
             let (k, v) = item?;
             let (topic, rest) = split_prefixed(&k[1..]).ok_or(StoreError::Corrupt('P'))?;
             let partition =
@@ -603,24 +791,32 @@ impl Denylist {
         }
     }
 
-    /// Forces everything written so far to disk. sled also flushes on its own every
-    /// 500 ms; a crash before that loses the newest batches *and* their positions
-    /// together, so they are read again (invariant 2).
+    /// Forces everything written so far to disk ([`Self::apply`] already flushes its
+    /// data; this is for GC's writes and the last positions, at shutdown).
     pub fn flush(&self) -> Result<usize, StoreError> {
-        Ok(self.db.flush()?)
+        let guard = self.read_store();
+        let store = self.usable(&guard)?;
+        store.db.flush().map_err(|e| self.fail(e.into()))
     }
 
     /// Bytes the store takes on disk.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.read_store()
+            .as_ref()
+            .and_then(|s| s.db.size_on_disk().ok())
+            .unwrap_or(0)
     }
 
     /// Every entry in key order: for `revsync denylist dump` and for tests comparing
     /// whole stores.
     pub fn entries(&self) -> Result<Vec<Entry>, StoreError> {
+        let guard = self.read_store();
+        let store = guard
+            .as_ref()
+            .ok_or_else(|| StoreError::Failed("store closed".into()))?;
         let mut out = Vec::new();
         for (kind, word) in KINDS {
-            for item in self.tree.scan_prefix([kind]) {
+            for item in store.tree.scan_prefix([kind]) {
                 let (k, v) = item?;
                 let (iss, id) = split_prefixed(&k[1..]).ok_or(StoreError::Corrupt(kind as char))?;
                 let [value, expires] = decode_entry(&v)?;
@@ -634,6 +830,39 @@ impl Denylist {
             }
         }
         Ok(out)
+    }
+
+    /// The tree itself, for unit tests that look at the layout.
+    #[cfg(test)]
+    fn tree(&self) -> sled::Tree {
+        self.read_store().as_ref().expect("open").tree.clone()
+    }
+
+    /// Entries the expiry log does not list (each should be listed, or GC would never
+    /// drop it): for tests of what a failed write leaves behind. Walks the whole store.
+    pub fn unlisted_entries(&self) -> Result<Vec<Entry>, StoreError> {
+        let guard = self.read_store();
+        let store = guard
+            .as_ref()
+            .ok_or_else(|| StoreError::Failed("store closed".into()))?;
+        let mut listed: HashSet<Vec<u8>> = HashSet::new();
+        for item in store.tree.scan_prefix([EXPIRY]) {
+            let (_, list) = item?;
+            let mut rest = &list[..];
+            while !rest.is_empty() {
+                let (entry, tail) = split_prefixed(rest).ok_or(StoreError::Corrupt('X'))?;
+                listed.insert(entry.to_vec());
+                rest = tail;
+            }
+        }
+        let all = self.entries()?;
+        Ok(all
+            .into_iter()
+            .filter(|e| {
+                let kind = KINDS.iter().find(|(_, w)| *w == e.kind).map(|(k, _)| *k);
+                kind.is_some_and(|k| !listed.contains(&entry_key(k, &e.iss, &e.id)))
+            })
+            .collect())
     }
 }
 
@@ -655,6 +884,17 @@ fn entry_key(kind: u8, iss: &str, id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(3 + iss.len() + id.len());
     fill_entry_key(&mut k, kind, iss, id);
     k
+}
+
+/// Removes the live-entry counts stores kept before counting at open: they were
+/// written with each batch, and a batch that failed midway could leave them wrong.
+fn drop_legacy_counts(tree: &sled::Tree) -> Result<(), StoreError> {
+    for (kind, _) in KINDS {
+        if tree.contains_key([COUNT, kind])? {
+            tree.remove([COUNT, kind])?;
+        }
+    }
+    Ok(())
 }
 
 /// Rewrites expiry-log keys holding a bucket number of the old fixed 600 s width into
@@ -887,19 +1127,6 @@ mod tests {
     }
 
     #[test]
-    fn positions_are_written_with_their_batch() {
-        let d = store();
-        let p = |o| Position {
-            topic: "t".into(),
-            partition: 3,
-            next_offset: o,
-        };
-        d.apply(&[], &[p(10)], 0).unwrap();
-        d.apply(&[], &[p(42)], 0).unwrap();
-        assert_eq!(d.positions().unwrap(), vec![p(42)]);
-    }
-
-    #[test]
     fn a_reset_position_moves_back_and_apply_carries_on_from_it() {
         let d = store();
         let p = |o| Position {
@@ -980,7 +1207,7 @@ mod tests {
         d.gc(4800, 1000).unwrap();
         assert_eq!(d.sizes().total(), 0);
         assert!(d.entries().unwrap().is_empty());
-        assert_eq!(d.tree.scan_prefix([EXPIRY]).count(), 0);
+        assert_eq!(d.tree().scan_prefix([EXPIRY]).count(), 0);
     }
 
     #[test]
@@ -999,12 +1226,12 @@ mod tests {
         d.apply(&[sub(100), sub(1000)], &[], 0).unwrap();
         assert_eq!(d.apply(&[sub(200)], &[], 0).unwrap().unchanged, 1);
         // Listed under 3700's bucket, then under 4600's after the extension.
-        assert_eq!(d.tree.scan_prefix([EXPIRY]).count(), 2);
+        assert_eq!(d.tree().scan_prefix([EXPIRY]).count(), 2);
         d.gc(4200, 10).unwrap();
         assert_eq!(d.sizes().subject, 1, "still covered by not_before 1000");
         d.gc(4800, 10).unwrap();
         assert_eq!(d.sizes().subject, 0);
-        assert_eq!(d.tree.scan_prefix([EXPIRY]).count(), 0);
+        assert_eq!(d.tree().scan_prefix([EXPIRY]).count(), 0);
     }
 
     #[test]
@@ -1036,7 +1263,7 @@ mod tests {
         assert_eq!(d.sizes().token, 1);
         assert!(d.gc(1009, 100).unwrap().dropped.is_empty());
         assert_eq!(d.gc(1010, 100).unwrap().dropped.get("token"), Some(&1));
-        assert_eq!(d.tree.scan_prefix([EXPIRY]).count(), 0);
+        assert_eq!(d.tree().scan_prefix([EXPIRY]).count(), 0);
     }
 
     #[test]
@@ -1066,15 +1293,15 @@ mod tests {
             // expiry / 600 (here 2_833_333, covering [now - 200, now + 400)).
             d.apply(&[token("old", now + 60)], &[], now).unwrap();
             let old_key = entry_key(TOKEN, "I", "old");
-            for item in d.tree.scan_prefix([EXPIRY]) {
+            for item in d.tree().scan_prefix([EXPIRY]) {
                 let (k, list) = item.unwrap();
                 if list.windows(3).any(|w| w == b"old") {
-                    d.tree.remove(&k).unwrap();
+                    d.tree().remove(&k).unwrap();
                 }
             }
             let mut list = Vec::new();
             push_prefixed(&mut list, &old_key);
-            d.tree
+            d.tree()
                 .insert(expiry_key((now + 60) / LEGACY_BUCKET, 7), list)
                 .unwrap();
             d.flush().unwrap();
@@ -1087,7 +1314,7 @@ mod tests {
         )
         .unwrap();
         assert!(d
-            .tree
+            .tree()
             .range(vec![EXPIRY]..expiry_key(LEGACY_BUCKET_LIMIT, 0))
             .next()
             .is_none());

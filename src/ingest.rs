@@ -62,7 +62,9 @@ const BROKER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The watcher's metadata and watermark calls: short, so a dead broker delays neither
 /// the next round nor shutdown by much; a missed round only postpones a confirmation.
 const WATCH_TIMEOUT: Duration = Duration::from_secs(2);
+/// First wait before reopening a failed store; doubles up to `STORE_RETRY_MAX`.
 const STORE_RETRY: Duration = Duration::from_millis(500);
+const STORE_RETRY_MAX: Duration = Duration::from_secs(10);
 /// First wait before a held partition's record is retried; doubles up to `HOLD_MAX`.
 const HOLD_MIN: Duration = Duration::from_millis(500);
 const HOLD_MAX: Duration = Duration::from_secs(10);
@@ -282,6 +284,14 @@ impl IngestState {
             .collect()
     }
 
+    /// Sets a partition's position to what the store holds (none: read from the start).
+    fn replace_position(&self, key: &(String, i32), next: Option<i64>) {
+        let mut map = self.partitions.write().unwrap_or_else(|p| p.into_inner());
+        let entry = map.entry(key.clone()).or_default();
+        entry.position = next;
+        entry.lag = lag_of(entry);
+    }
+
     fn set_position(&self, topic: &str, partition: i32, next: i64) {
         let mut map = self.partitions.write().unwrap_or_else(|p| p.into_inner());
         let entry = map.entry((topic.to_string(), partition)).or_default();
@@ -354,6 +364,13 @@ const CONSUMER_QUEUE_DEFAULTS: &[(&str, &str)] = &[
     // Default 1000 ms: with a bounded queue, a reader draining it would wait that long
     // for the next fetch (measured: replay of 300k at 20k/s instead of 68k/s).
     ("fetch.queue.backoff.ms", "5"),
+    // Every record the broker acknowledged is readable at once, so a watermark round
+    // proves everything published before it is applied. Under `read_committed` the
+    // consumer stops at the first open transaction (the last stable offset), and a
+    // revocation acknowledged after it stays unread until that transaction ends while
+    // the reported watermark (the LSO) says revsync is caught up. Records of a
+    // transaction that is later aborted are applied too: they only ever revoke more.
+    ("isolation.level", "read_uncommitted"),
 ];
 
 /// Starts the reader and watcher threads, for topics of the `native` and `keycloak`
@@ -426,6 +443,7 @@ pub fn spawn_with(
         expected: HashMap::new(),
         sets,
         holds: Holds::default(),
+        store_failures: 0,
     };
     let watcher = Watcher {
         consumer: watcher_consumer,
@@ -503,6 +521,8 @@ struct Reader {
     /// Verifies `set` records.
     sets: Option<SetVerifier>,
     holds: Holds,
+    /// Store failures since the last successful write.
+    store_failures: u32,
 }
 
 /// Partitions held at a record that cannot be verified yet.
@@ -534,36 +554,86 @@ struct Origin {
 }
 
 impl Reader {
-    /// Runs a store write until it succeeds, flagging the store failing (not ready, no
-    /// `active` answers) and counting each failure meanwhile; `None` if shutdown came
-    /// first. Nothing is skipped: the reader holds its place until the write lands.
-    fn write_store<T>(
-        &self,
-        what: &str,
-        mut write: impl FnMut() -> Result<T, crate::denylist::StoreError>,
-    ) -> Option<T> {
-        loop {
-            match write() {
-                Ok(out) => {
-                    self.state.store_failing.store(false, Ordering::Release);
-                    return Some(out);
+    /// After a failed write: stops reading (not ready, no `active` answers), reopens the
+    /// store until that succeeds, then reads every partition again from the positions
+    /// the store holds. The store keeps a position only once the data before it is
+    /// flushed, so what the failure lost is read again; freshness does not vouch until
+    /// a watermark round begun after the reopen is reached. Returns `false` if shutdown
+    /// came first.
+    fn recover_store(&mut self) -> bool {
+        let cause = self.denylist.failure().unwrap_or_default();
+        self.state.store_failing.store(true, Ordering::Release);
+        self.metrics.store_failing.set(1);
+        error!(error = %cause, "the store failed: ingest stopped and the denylist is not vouched for; reopening the store");
+        // A store that fails again right after each reopen (a disk still full) is
+        // reopened less and less often.
+        self.store_failures = self.store_failures.saturating_add(1);
+        let mut backoff =
+            (STORE_RETRY * (1 << (self.store_failures - 1).min(5))).min(STORE_RETRY_MAX);
+        let stored = loop {
+            let until = Instant::now() + backoff;
+            while Instant::now() < until {
+                if self.shutdown.is_cancelled() {
+                    return false;
                 }
+                std::thread::sleep(Duration::from_millis(50).min(until - Instant::now()));
+            }
+            let reopened = self
+                .denylist
+                .reopen()
+                .and_then(|()| self.denylist.positions());
+            match reopened {
+                Ok(stored) => break stored,
                 Err(e) => {
-                    self.state.store_failing.store(true, Ordering::Release);
                     self.metrics.store_errors.inc();
-                    error!(error = %e, what, "cannot write to the store; retrying");
-                    if self.shutdown.is_cancelled() {
-                        return None;
-                    }
-                    std::thread::sleep(STORE_RETRY);
+                    warn!(error = %e, retry_in = ?backoff, "cannot reopen the store yet");
+                    backoff = (backoff * 2).min(STORE_RETRY_MAX);
                 }
             }
+        };
+        self.metrics.store_reopens.inc();
+        self.stored = stored
+            .into_iter()
+            .map(|p| ((p.topic, p.partition), p.next_offset))
+            .collect();
+        // Every partition read so far is read again from its stored position.
+        let assigned: Vec<(String, i32)> = self.expected.keys().cloned().collect();
+        let mut tpl = TopicPartitionList::new();
+        for key in &assigned {
+            if !self.holds.held.get(key).is_some_and(|h| h.unassigned) {
+                tpl.add_partition(&key.0, key.1);
+            }
         }
+        if tpl.count() > 0 {
+            if let Err(e) = self.consumer.incremental_unassign(&tpl) {
+                error!(error = %e, "cannot unassign partitions after reopening the store");
+            }
+        }
+        self.expected.clear();
+        self.holds = Holds::default();
+        let now_ms = unix_now_ms();
+        for status in self.state.partitions() {
+            let key = (status.topic, status.partition);
+            self.state
+                .replace_position(&key, self.stored.get(&key).copied());
+            self.state.begin_recovery(&key, now_ms);
+            self.state.reseeked(&key);
+        }
+        self.assign(assigned);
+        self.state.store_failing.store(false, Ordering::Release);
+        self.metrics.store_failing.set(0);
+        info!(
+            "store reopened: reading again from the stored positions; not vouching until caught up"
+        );
+        true
     }
 
     fn run(mut self) {
         let mut topic_labels: Vec<TopicLabels> = Vec::new();
         while !self.shutdown.is_cancelled() {
+            if self.denylist.failure().is_some() && !self.recover_store() {
+                break;
+            }
             while let Ok(command) = self.commands.try_recv() {
                 match command {
                     Command::Assign(new) => self.assign(new),
@@ -680,6 +750,7 @@ impl Reader {
                     self.holds.settled(topic, partition, offset);
                 }
             }
+            self.skip_undelivered(&mut positions);
             if positions.is_empty() {
                 continue;
             }
@@ -694,10 +765,41 @@ impl Reader {
         }
     }
 
-    /// Applies a batch, retrying until it lands or shutdown: a position never moves
-    /// without its data, and data never goes missing because the disk hiccuped.
+    /// Moves positions past offsets the consumer passed without delivering a record:
+    /// transaction markers (and, under `read_committed`, aborted records) take offsets of
+    /// their own, so "last record + 1" would stay below the high watermark for good and
+    /// revsync would never count itself caught up. librdkafka's consumer position is the
+    /// offset after the last record or marker it handed over; every record it handed
+    /// over was decoded above, so nothing is skipped unread. Held partitions keep their
+    /// held offset: records polled past it were dropped, not decoded.
+    fn skip_undelivered(&mut self, positions: &mut HashMap<(String, i32), i64>) {
+        let Ok(tpl) = self.consumer.position() else {
+            return;
+        };
+        for elem in tpl.elements() {
+            let Offset::Offset(at) = elem.offset() else {
+                continue;
+            };
+            let key = (elem.topic().to_string(), elem.partition());
+            if !self.expected.contains_key(&key) || self.holds.held.contains_key(&key) {
+                continue;
+            }
+            let ours = positions
+                .get(&key)
+                .copied()
+                .or_else(|| self.state.position(&key));
+            if ours.is_none_or(|p| at > p) {
+                self.expected.insert(key.clone(), at);
+                positions.insert(key, at);
+            }
+        }
+    }
+
+    /// Applies a batch: the data durably first, then its positions (see
+    /// [`Denylist::apply`]). On a failure nothing moves: the store is reopened and the
+    /// batch read again.
     fn write(
-        &self,
+        &mut self,
         events: &[Event],
         origins: &[Origin],
         positions: HashMap<(String, i32), i64>,
@@ -711,10 +813,17 @@ impl Reader {
                 next_offset,
             })
             .collect();
-        let Some(outcome) = self.write_store("batch", || {
-            self.denylist.apply(events, &positions, unix_now())
-        }) else {
-            return;
+        let outcome = match self.denylist.apply(events, &positions, unix_now()) {
+            Ok(outcome) => {
+                self.store_failures = 0;
+                outcome
+            }
+            Err(e) => {
+                // The store is failed now; the loop reopens it and reads this batch again.
+                self.metrics.store_errors.inc();
+                error!(error = %e, events = events.len(), "cannot write a batch to the store");
+                return;
+            }
         };
         debug!(
             events = events.len(),
@@ -895,10 +1004,10 @@ impl Reader {
             partition: r.partition,
             next_offset: to,
         };
-        if self
-            .write_store("reset position", || self.denylist.reset_position(&position))
-            .is_none()
-        {
+        if let Err(e) = self.denylist.reset_position(&position) {
+            // The watcher finds the reset again once the store is back.
+            self.metrics.store_errors.inc();
+            error!(topic = r.topic, partition = r.partition, error = %e, "cannot store the reset position");
             return;
         }
         self.stored.insert(key.clone(), to);

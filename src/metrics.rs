@@ -118,6 +118,9 @@ pub struct Metrics {
     pub denylist_entries: Family<KindLabels, Gauge>,
     pub entries_expired: Family<KindLabels, Counter>,
     pub store_errors: Counter,
+    /// 1 while the store refuses writes (ingest stopped, not vouching), else 0.
+    pub store_failing: Gauge,
+    pub store_reopens: Counter,
     pub checks: Family<CheckLabels, Counter>,
     pub check_latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
     pub cache_hits: Counter,
@@ -154,6 +157,8 @@ impl Metrics {
             denylist_entries: Family::default(),
             entries_expired: Family::default(),
             store_errors: Counter::default(),
+            store_failing: Gauge::default(),
+            store_reopens: Counter::default(),
             checks: Family::default(),
             check_latency: Family::new_with_constructor(latency_histogram),
             cache_hits: Counter::default(),
@@ -234,6 +239,16 @@ impl Metrics {
             "store_errors",
             "Failed denylist reads or writes",
             m.store_errors.clone(),
+        );
+        registry.register(
+            "store_failing",
+            "1 while the store refuses writes: ingest is stopped and checks are not vouched for",
+            m.store_failing.clone(),
+        );
+        registry.register(
+            "store_reopens",
+            "Times the store was reopened after a failed write",
+            m.store_reopens.clone(),
         );
         registry.register(
             "checks",

@@ -6,8 +6,9 @@
 //! revsync reading that topic gets it.
 //!
 //! Answers (RFC 8935 §2.2–2.4):
-//! - `202 Accepted`: verified, and applied (or acknowledged by the broker in bridge mode),
-//!   or well formed but revoking nothing;
+//! - `202 Accepted`: verified, and applied and flushed to disk (or acknowledged by the
+//!   broker in bridge mode), or well formed but revoking nothing. A transmitter never
+//!   sends again what got a 202, so nothing is acknowledged before it is durable;
 //! - `400` with `{"err", "description"}` when the SET cannot be parsed, validated or
 //!   authenticated: `invalid_request` (not a SET, wrong `typ`, missing `events`, `nonce` in
 //!   a logout token, unmappable subject, wrong media type), `invalid_key` (unknown signing

@@ -65,16 +65,22 @@ async fn publish_bulky(broker: &Broker, n: usize) {
     .unwrap();
 }
 
+/// The disk fills under a running daemon: revsync stops vouching (not ready, no
+/// `active` answers, `/healthz` 503, `revsync_store_failing` 1), keeps the process
+/// alive, and never stores a position past data it could not write. Once the volume is
+/// grown it reopens the store by itself, reads again what it could not write, and is
+/// ready with everything; a kill -9 then loses nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_makes_revsync_refuse_to_vouch_and_it_survives() {
+async fn a_full_disk_stops_vouching_and_revsync_recovers_once_space_returns() {
     let broker = Broker::memory();
     broker.create_topic("rev", 1);
     let key = TestKey::ec_p256("k1");
     let jwks = JwksServer::with_keys(&[&key]).await;
     let dir = tempfile::tempdir().unwrap();
-    let _fs = Tmpfs::mount(&dir.path().join("small"), "12m");
+    let disk = dir.path().join("small");
+    let _fs = Tmpfs::mount(&disk, "12m");
 
-    let mut config = Config::new(broker.bootstrap(), dir.path().join("small/store"));
+    let mut config = Config::new(broker.bootstrap(), disk.join("store"));
     config.kafka.topics = vec![TopicConfig {
         name: "rev".into(),
         format: Default::default(),
@@ -121,7 +127,8 @@ async fn a_full_disk_makes_revsync_refuse_to_vouch_and_it_survives() {
     assert_eq!(check().await["active"], true);
 
     // Far more than 12 MiB of revocations (long ids make each entry ~300 bytes).
-    publish_bulky(&broker, 60_000).await;
+    const N: u64 = 60_000;
+    publish_bulky(&broker, N as usize).await;
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let status = loop {
@@ -141,25 +148,69 @@ async fn a_full_disk_makes_revsync_refuse_to_vouch_and_it_survives() {
     let answer = check().await;
     assert_eq!(answer["active"], false, "{answer}");
     assert_eq!(answer["reason"], "stale", "{answer}");
-    // The process is alive and still serving.
-    assert_eq!(get("/healthz").await.status(), 200);
+    // The process is alive and says its store is failing.
+    let health = get("/healthz").await;
+    assert_eq!(health.status(), 503);
+    assert_eq!(health.text().await.unwrap(), "store failing\n");
+    let metrics = get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l == "revsync_store_failing 1"),
+        "{metrics}"
+    );
     // The stored position never passed what was written.
     let applied = status["denylist"]["token"].as_u64().unwrap();
-    let position = status["partitions"][0]["position"].as_i64().unwrap_or(0);
+    let position = status["partitions"][0]["position"].as_i64();
     assert!(
-        applied > 0 && applied < 60_000,
+        applied > 0 && applied < N,
         "some batches landed before the disk filled: {applied}"
     );
     assert!(
-        position as u64 <= applied,
-        "position {position} ran ahead of {applied} applied entries"
+        position.is_none_or(|p| p as u64 <= applied),
+        "position {position:?} ran ahead of {applied} applied entries"
+    );
+
+    // Space returns: revsync reopens the store by itself and reads on.
+    remount(&disk, "size=512m");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let s: Value = get("/v1/status").await.json().await.unwrap();
+        if s["ready"] == true && s["denylist"]["token"] == N {
+            assert_eq!(s["partitions"][0]["position"], N, "{s}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never recovered after the disk was grown: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(get("/healthz").await.status(), 200);
+    let metrics = get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l == "revsync_store_failing 0"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l == "revsync_store_reopens_total 0"),
+        "{metrics}"
     );
 
     stop.cancel();
-    // Shutdown may fail its final flush on a full disk; it must still end.
-    let _ = tokio::time::timeout(Duration::from_secs(30), daemon)
+    tokio::time::timeout(Duration::from_secs(30), daemon)
         .await
-        .expect("daemon ends");
+        .expect("daemon ends")
+        .unwrap()
+        .unwrap();
+    let d = revsync::denylist::Denylist::open(
+        &disk.join("store"),
+        1 << 20,
+        revsync::denylist::Retention::new(Duration::from_secs(86400), Duration::ZERO),
+    )
+    .unwrap();
+    assert_eq!(d.sizes().token, N);
+    assert_eq!(d.entries().unwrap().len() as u64, N);
 }
 
 fn remount(path: &Path, options: &str) {
@@ -202,16 +253,11 @@ fn an_unwritable_store_at_start_is_a_clear_error() {
     );
 }
 
-/// The disk fills under a running daemon, then space is freed: restarted, revsync re-reads
-/// what it could not write and loses nothing (positions never ran ahead of the data).
-///
-/// KNOWN FAILURE, kept out of the default run until fixed: it passed every local run
-/// (16 of 16) but failed in a fresh-clone `.ci/run` with position 60000 and 55851 token
-/// entries after the restart, ready — sled 0.34, after ENOSPC and a kill -9, recovered
-/// later batches (positions) without some earlier ones, or the stored counts drifted.
-/// The planned fix: write positions only after a successful `flush()` so they never run
-/// ahead of durable revocations. Run it with `cargo test --test store_full -- --ignored`.
-#[ignore = "known failure under investigation: positions ahead of revocations after ENOSPC + kill -9"]
+/// The disk fills under a running daemon, then space is freed and the daemon is killed
+/// (as a supervisor would restart it): restarted, revsync re-reads what it could not
+/// write and loses nothing. Once failed this used to come back ready with position 60000
+/// and 55851 token entries: sled 0.34 had landed part of a batch, positions included,
+/// before the disk filled (a batch is written key by key in hash order).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_full_disk_is_grown_a_restart_loses_nothing() {
     use common::daemon::{Daemon, DaemonConfig};
