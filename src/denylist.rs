@@ -280,6 +280,7 @@ struct Store {
 
 impl Store {
     fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        remove_unfinished_snapshots(path)?;
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(cache_bytes)
@@ -884,6 +885,28 @@ fn entry_key(kind: u8, iss: &str, id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(3 + iss.len() + id.len());
     fill_entry_key(&mut k, kind, iss, id);
     k
+}
+
+/// Removes snapshot files sled began and never finished. sled 0.34 writes a snapshot to
+/// `snap.<lsn>.generating` and renames it when complete, but when it looks for the
+/// newest snapshot it also takes the unfinished ones: one left by a write that failed
+/// (a full disk) is read as corrupt, and the store no longer opens. Without it sled
+/// recovers from an older snapshot and the log.
+fn remove_unfinished_snapshots(path: &Path) -> Result<(), StoreError> {
+    let entries = match std::fs::read_dir(path) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StoreError::Sled(e.into())),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(file = %name, "removing an unfinished sled snapshot");
+            std::fs::remove_file(entry.path()).map_err(|e| StoreError::Sled(e.into()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes the live-entry counts stores kept before counting at open: they were

@@ -789,6 +789,7 @@ impl Reader {
                 .copied()
                 .or_else(|| self.state.position(&key));
             if ours.is_none_or(|p| at > p) {
+                debug!(topic = key.0, partition = key.1, from = ?ours, to = at, "position moved past offsets never delivered");
                 self.expected.insert(key.clone(), at);
                 positions.insert(key, at);
             }
