@@ -68,13 +68,20 @@ impl Decision {
 }
 
 impl Checker {
+    /// [`Self::decide_at`] the current time.
     pub async fn decide(&self, token: Option<&str>) -> Decision {
+        self.decide_at(token, crate::unix_now()).await
+    }
+
+    /// The decision about `token` with its validity judged at `now` (unix seconds); the
+    /// denylist and freshness are as they are.
+    pub async fn decide_at(&self, token: Option<&str>, now: u64) -> Decision {
         let Some(token) = token.filter(|t| !t.is_empty()) else {
             return Decision::Inactive {
                 reason: "malformed",
             };
         };
-        let verified = match self.validator.validate(token).await {
+        let verified = match self.validator.validate_at(token, now).await {
             Ok(v) => v,
             Err(Rejection::KeysUnavailable) => {
                 return Decision::Undecided {

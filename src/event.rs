@@ -17,7 +17,7 @@ pub enum Revocation {
         jti: String,
         exp: Option<u64>,
     },
-    /// Every token of a subject issued before `not_before`.
+    /// Every token of a subject issued at or before `not_before` (`iat <= not_before`).
     Subject {
         iss: String,
         sub: String,
@@ -25,13 +25,13 @@ pub enum Revocation {
     },
     /// Every token carrying this session id.
     Session { iss: String, sid: String },
-    /// Every token of a client issued before `not_before`.
+    /// Every token of a client issued at or before `not_before`.
     Client {
         iss: String,
         client_id: String,
         not_before: u64,
     },
-    /// Every token of the issuer issued before `not_before` (mass revocation).
+    /// Every token of the issuer issued at or before `not_before` (mass revocation).
     Issuer { iss: String, not_before: u64 },
 }
 

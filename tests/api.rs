@@ -278,7 +278,7 @@ async fn check_revoked_for_each_kind_and_only_the_matching_tokens() {
     h.assert_inactive(&hit_azp, "revoked").await;
     h.assert_active(&miss).await;
 
-    // issuer: every token of the issuer issued before not_before
+    // issuer: every token of the issuer issued at or before not_before
     let hit = h.token(json!({"sub": "sub-dave"}));
     let issued_after = h.token(json!({"sub": "sub-dave", "iat": t + 1}));
     h.revoke(Revocation::Issuer {

@@ -3,8 +3,9 @@
 //! any sequence of revocation events (native and Keycloak JSON, duplicated, reordered,
 //! replayed long after they lapsed, with garbage in optional fields), garbage
 //! collections and restarts of the store; a proptest drives the same steps through the
-//! product (decoders, a sled `Denylist` reopened on restart, and a real `TokenValidator`
-//! against a real JWKS server, at a controlled clock) and compares after every step.
+//! product (decoders, a sled `Denylist` reopened on restart, and `Checker::decide_at` with
+//! a real `TokenValidator` against a real JWKS server, at a controlled clock) and compares
+//! after every step.
 //!
 //! The model keeps every event forever and decides from first principles:
 //! - a token is refused when it outlives the issuer's lifetime (`exp - iat` above
@@ -24,7 +25,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use proptest::prelude::*;
-use revsync::denylist::{Denylist, Retention, TokenRef};
+use revsync::api::{Checker, Decision};
+use revsync::config::FreshnessConfig;
+use revsync::denylist::{Denylist, Retention};
+use revsync::freshness::Freshness;
+use revsync::ingest::IngestState;
 use revsync::token::TokenValidator;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -240,25 +245,34 @@ fn retention(iss: &str) -> Retention {
         .with_expiry_granularity(Duration::from_secs(1))
 }
 
-/// The product's answer for a token at `now`, the way `Checker::decide` combines
-/// validation and the denylist: a rejection's reason word, `revoked` or `active`.
-fn product_decision(w: &World, store: &Denylist, token: &str, now: u64) -> String {
-    match w.rt.block_on(w.validator.validate_at(token, now)) {
-        Err(r) => r.reason().to_string(),
-        Ok(v) => {
-            let r = TokenRef {
-                iss: &v.iss,
-                jti: v.jti.as_deref(),
-                sub: v.sub.as_deref(),
-                sid: v.sid.as_deref(),
-                client_id: v.client_id.as_deref(),
-                iat: v.iat,
-            };
-            match store.revoked_by(&r).unwrap() {
-                Some(_) => "revoked".into(),
-                None => "active".into(),
-            }
-        }
+/// The product's decision procedure over `store`, caught up with the bus (and allowed to
+/// stay so for a day), so that only validation and the denylist decide.
+fn checker(w: &World, store: Arc<Denylist>) -> Checker {
+    let ingest = IngestState::new();
+    ingest.record_caught_up(revsync::unix_now_ms());
+    let freshness = Freshness::new(
+        FreshnessConfig {
+            max_staleness: Duration::from_secs(24 * 3600),
+            ..FreshnessConfig::default()
+        },
+        ingest.clone(),
+    );
+    Checker {
+        validator: w.validator.clone(),
+        denylist: store,
+        freshness,
+        ingest,
+        metrics: Arc::new(revsync::metrics::Metrics::new()),
+    }
+}
+
+/// The product's answer for a token at `now` (`Checker::decide_at`): a rejection's reason
+/// word, `revoked` or `active`.
+fn product_decision(w: &World, checker: &Checker, token: &str, now: u64) -> String {
+    match w.rt.block_on(checker.decide_at(Some(token), now)) {
+        Decision::Active { stale: false, .. } => "active".into(),
+        Decision::Inactive { reason } => reason.to_string(),
+        other => format!("{other:?}"),
     }
 }
 
@@ -392,7 +406,8 @@ enum Format {
 struct Case {
     w: &'static World,
     dir: tempfile::TempDir,
-    store: Option<Denylist>,
+    /// Over the store; replaced on restart.
+    checker: Option<Checker>,
     now: u64,
     tokens: Vec<(ModelToken, String)>,
     events: Vec<ModelEvent>,
@@ -404,11 +419,11 @@ impl Case {
     fn new() -> Self {
         let w = world();
         let dir = tempfile::tempdir().unwrap();
-        let store = Denylist::open(dir.path(), 1 << 20, retention(&w.iss)).unwrap();
+        let store = Arc::new(Denylist::open(dir.path(), 1 << 20, retention(&w.iss)).unwrap());
         Case {
             w,
             dir,
-            store: Some(store),
+            checker: Some(checker(w, store)),
             now: w.t0,
             tokens: Vec::new(),
             events: Vec::new(),
@@ -418,7 +433,7 @@ impl Case {
     }
 
     fn store(&self) -> &Denylist {
-        self.store.as_ref().unwrap()
+        &self.checker.as_ref().unwrap().denylist
     }
 
     fn id(&mut self) -> u64 {
@@ -693,11 +708,12 @@ impl Case {
                 self.store().gc(self.now, usize::MAX).unwrap();
             }
             Step::Restart => {
-                let store = self.store.take().unwrap();
-                store.flush().unwrap();
-                drop(store);
-                self.store =
-                    Some(Denylist::open(self.dir.path(), 1 << 20, retention(&self.w.iss)).unwrap());
+                let old = self.checker.take().unwrap();
+                old.denylist.flush().unwrap();
+                // The only holder of the store: dropping it closes the store.
+                drop(old);
+                let store = Denylist::open(self.dir.path(), 1 << 20, retention(&self.w.iss));
+                self.checker = Some(checker(self.w, Arc::new(store.unwrap())));
             }
         }
     }
@@ -706,7 +722,7 @@ impl Case {
     fn compare(&self) -> Result<(), String> {
         for (model, token) in &self.tokens {
             let want = model_decision(&self.events, model, self.now);
-            let got = product_decision(self.w, self.store(), token, self.now);
+            let got = product_decision(self.w, self.checker.as_ref().unwrap(), token, self.now);
             let ok = match want {
                 Expect::Refused(word) => got == word,
                 Expect::Active => got == "active",
@@ -828,7 +844,7 @@ fn a_not_before_entry_lasts_as_long_as_a_token_it_covers() {
         json!({"iss": w.iss, "aud": AUD, "sub": "longest", "iat": nb, "exp": nb + LIFETIME + LEEWAY}),
     );
     let dir = tempfile::tempdir().unwrap();
-    let store = Denylist::open(dir.path(), 1 << 20, retention(&w.iss)).unwrap();
+    let store = Arc::new(Denylist::open(dir.path(), 1 << 20, retention(&w.iss)).unwrap());
     let event = format!(
         r#"{{"v":1,"id":"e","type":"subject","iss":"{}","sub":"longest","event_time":{nb}}}"#,
         w.iss
@@ -838,12 +854,15 @@ fn a_not_before_entry_lasts_as_long_as_a_token_it_covers() {
     let last = nb + LIFETIME + 2 * LEEWAY - 1;
     store.gc(last, usize::MAX).unwrap();
     assert_eq!(
-        product_decision(w, &store, &token, last),
+        product_decision(w, &checker(w, store.clone()), &token, last),
         "revoked",
         "the last second the token validates"
     );
     store.gc(last + 2, usize::MAX).unwrap();
-    assert_eq!(product_decision(w, &store, &token, last + 1), "expired");
+    assert_eq!(
+        product_decision(w, &checker(w, store.clone()), &token, last + 1),
+        "expired"
+    );
     assert_eq!(
         store.sizes().subject,
         0,
@@ -858,7 +877,7 @@ fn a_token_issued_in_the_revocations_second_is_revoked() {
     let w = world();
     let t = w.t0 + 200;
     let dir = tempfile::tempdir().unwrap();
-    let store = Denylist::open(dir.path(), 1 << 20, retention(&w.iss)).unwrap();
+    let store = Arc::new(Denylist::open(dir.path(), 1 << 20, retention(&w.iss)).unwrap());
     let same = sign(
         json!({"iss": w.iss, "aud": AUD, "sub": "same", "client_id": "same", "iat": t, "exp": t + 30}),
     );
@@ -871,25 +890,32 @@ fn a_token_issued_in_the_revocations_second_is_revoked() {
     );
     let event = revsync::event::decode_native(native.as_bytes()).unwrap();
     store.apply(&[event], &[], t).unwrap();
-    assert_eq!(product_decision(w, &store, &same, t), "revoked", "native");
-    assert_eq!(product_decision(w, &store, &next, t + 1), "active");
+    assert_eq!(
+        product_decision(w, &checker(w, store.clone()), &same, t),
+        "revoked",
+        "native"
+    );
+    assert_eq!(
+        product_decision(w, &checker(w, store.clone()), &next, t + 1),
+        "active"
+    );
 
     // Keycloak's millisecond time, on the second and inside it.
     for ms in [t * 1000, t * 1000 + 999] {
         let dir = tempfile::tempdir().unwrap();
-        let store = Denylist::open(dir.path(), 1 << 20, retention(&w.iss)).unwrap();
+        let store = Arc::new(Denylist::open(dir.path(), 1 << 20, retention(&w.iss)).unwrap());
         let kc = json!({"type": "DELETE_ACCOUNT", "time": ms, "userId": "same"}).to_string();
         let event = revsync::formats::keycloak::decode(kc.as_bytes(), &w.iss)
             .unwrap()
             .unwrap();
         store.apply(&[event], &[], t).unwrap();
         assert_eq!(
-            product_decision(w, &store, &same, t),
+            product_decision(w, &checker(w, store.clone()), &same, t),
             "revoked",
             "keycloak time {ms}"
         );
         assert_eq!(
-            product_decision(w, &store, &next, t + 1),
+            product_decision(w, &checker(w, store.clone()), &next, t + 1),
             "active",
             "keycloak time {ms}: issued the next second"
         );
