@@ -68,13 +68,20 @@ impl Decision {
 }
 
 impl Checker {
+    /// [`Self::decide_at`] the current time.
     pub async fn decide(&self, token: Option<&str>) -> Decision {
+        self.decide_at(token, crate::unix_now()).await
+    }
+
+    /// The decision about `token` with its validity judged at `now` (unix seconds); the
+    /// denylist and freshness are as they are.
+    pub async fn decide_at(&self, token: Option<&str>, now: u64) -> Decision {
         let Some(token) = token.filter(|t| !t.is_empty()) else {
             return Decision::Inactive {
                 reason: "malformed",
             };
         };
-        let verified = match self.validator.validate(token).await {
+        let verified = match self.validator.validate_at(token, now).await {
             Ok(v) => v,
             Err(Rejection::KeysUnavailable) => {
                 return Decision::Undecided {
@@ -83,6 +90,10 @@ impl Checker {
             }
             Err(r) => return Decision::Inactive { reason: r.reason() },
         };
+        // How fresh the store is, taken before it is read: a view taken after the lookup
+        // could report a catch-up that happened after it, and vouch for a lookup that
+        // did not see what that catch-up applied.
+        let view = self.freshness.view();
         let r = TokenRef {
             iss: &verified.iss,
             jti: verified.jti.as_deref(),
@@ -105,7 +116,7 @@ impl Checker {
                 return Decision::Undecided { reason: "stale" };
             }
         }
-        if !self.freshness.view().stale {
+        if !view.stale {
             return Decision::Active {
                 token: verified,
                 stale: false,
@@ -393,22 +404,37 @@ fn credential_refused(route: Guarded) -> Response {
         .into_response()
 }
 
-/// The (first) `Authorization` header of a request; unlike the `HeaderMap` extractor it
-/// copies no other header.
-struct Authorization(Option<HeaderValue>);
+/// The `Authorization` header of a request; unlike the `HeaderMap` extractor it copies
+/// no other header.
+enum Authorization {
+    Absent,
+    One(HeaderValue),
+    /// Sent more than once: which one counts is never guessed (a proxy and the
+    /// application might each pick a different one), so the request is refused.
+    Repeated,
+}
 
 impl<S: Send + Sync> FromRequestParts<S> for Authorization {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(Authorization(
-            parts.headers.get(header::AUTHORIZATION).cloned(),
-        ))
+        let mut values = parts.headers.get_all(header::AUTHORIZATION).iter();
+        Ok(match (values.next(), values.next()) {
+            (None, _) => Authorization::Absent,
+            (Some(value), None) => Authorization::One(value.clone()),
+            (Some(_), Some(_)) => Authorization::Repeated,
+        })
     }
 }
 
+/// The 400 of a request with more than one `Authorization` header.
+const REPEATED_AUTHORIZATION: &str = "the Authorization header must appear at most once";
+
 fn bearer(authorization: &Authorization) -> Option<&str> {
-    let value = authorization.0.as_ref()?.to_str().ok()?;
+    let Authorization::One(value) = authorization else {
+        return None;
+    };
+    let value = value.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
@@ -613,6 +639,9 @@ fn claims_body(token: &VerifiedToken, stale: bool) -> Map<String, Value> {
 
 async fn check(State(s): State<AppState>, headers: Authorization, body: Bytes) -> Response {
     let started = Instant::now();
+    if matches!(headers, Authorization::Repeated) {
+        return invalid_request(REPEATED_AUTHORIZATION);
+    }
     let from_body;
     let token = if body.is_empty() {
         bearer(&headers)
@@ -693,6 +722,19 @@ fn form_urlencoded_pairs(body: &[u8]) -> Vec<(String, String)> {
 
 async fn authz(State(s): State<AppState>, headers: Authorization) -> Response {
     let started = Instant::now();
+    if matches!(headers, Authorization::Repeated) {
+        // RFC 6750 §3.1: a malformed request is a 400 with `invalid_request`.
+        return (
+            StatusCode::BAD_REQUEST,
+            [(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(
+                    "Bearer realm=\"revsync\", error=\"invalid_request\", error_description=\"malformed\"",
+                ),
+            )],
+        )
+            .into_response();
+    }
     let token = bearer(&headers);
     let decision = s.checker.decide(token).await;
     s.checker.record("authz", &decision, started);
@@ -1010,6 +1052,7 @@ mod tests {
             WrongType,
             Malformed,
             KeysUnavailable,
+            LifetimeExceeded,
         ] {
             decisions.push(if r.undecidable() {
                 Decision::Undecided { reason: r.reason() }

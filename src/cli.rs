@@ -119,7 +119,7 @@ pub enum PublishWhat {
         #[arg(long)]
         exp: Option<u64>,
     },
-    /// Revoke a subject's tokens issued before --not-before (default: now).
+    /// Revoke a subject's tokens issued at or before --not-before (default: now).
     Subject {
         #[arg(long)]
         iss: String,
@@ -135,7 +135,7 @@ pub enum PublishWhat {
         #[arg(long)]
         sid: String,
     },
-    /// Revoke a client's tokens issued before --not-before (default: now).
+    /// Revoke a client's tokens issued at or before --not-before (default: now).
     Client {
         #[arg(long)]
         iss: String,
@@ -144,7 +144,7 @@ pub enum PublishWhat {
         #[arg(long)]
         not_before: Option<u64>,
     },
-    /// Revoke every token of an issuer issued before --not-before (default: now).
+    /// Revoke every token of an issuer issued at or before --not-before (default: now).
     Issuer {
         #[arg(long)]
         iss: String,

@@ -774,6 +774,17 @@ impl Config {
             if iss.issuer.is_empty() {
                 return invalid(&format!("issuers[{i}].issuer"), "must not be empty");
             }
+            // Two entries would each set audiences, keys and lifetimes for the same tokens;
+            // which one wins is never guessed.
+            if self.issuers[..i]
+                .iter()
+                .any(|other| other.issuer == iss.issuer)
+            {
+                return invalid(
+                    &format!("issuers[{i}].issuer"),
+                    &format!("{:?} is configured twice; merge the entries", iss.issuer),
+                );
+            }
             if iss.audiences.is_empty() {
                 return invalid(
                     &format!("issuers[{i}].audiences"),
@@ -982,6 +993,21 @@ audiences = ["https://api.example.com"]
         assert_eq!(c.issuers[0].max_token_lifetime, Duration::from_secs(86400));
         assert_eq!(c.issuers[0].leeway, Duration::from_secs(30));
         assert_eq!(c.freshness.on_stale, OnStale::Deny);
+    }
+
+    #[test]
+    fn an_issuer_configured_twice_is_refused_by_name() {
+        let text = format!(
+            "{MINIMAL}\n[[issuers]]\nissuer = \"https://as.example.com\"\naudiences = [\"https://other.example.com\"]\n"
+        );
+        let err = Config::parse(&text, no_env()).unwrap_err().to_string();
+        assert!(err.contains("issuers[1].issuer"), "{err}");
+        assert!(err.contains("https://as.example.com"), "{err}");
+        let other = text.replace(
+            "issuer = \"https://as.example.com\"\naudiences = [\"https://other",
+            "issuer = \"https://as2.example.com\"\naudiences = [\"https://other",
+        );
+        assert!(Config::parse(&other, no_env()).is_ok());
     }
 
     #[test]

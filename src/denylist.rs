@@ -133,17 +133,28 @@ impl Retention {
         self.per_issuer.get(iss).copied().unwrap_or(self.default)
     }
 
-    /// (kind byte, identifier, primary value, expiry) of a revocation.
+    /// (kind byte, issuer, identifier, primary value, expiry) of a revocation. The
+    /// expiry is the first second at which no token the entry covers can still be
+    /// accepted, so dropping the entry then (or refusing a replay of it as lapsed) changes
+    /// no answer. Token validation accepts a token while `now < exp + leeway`, and refuses
+    /// one with `exp - iat > lifetime + leeway`. A token covered by a `not_before` has
+    /// `iat <= not_before`, so `exp <= not_before + lifetime + leeway`, and is accepted
+    /// until `not_before + lifetime + 2 * leeway`. A revoked session or a token revoked
+    /// without its `exp` was issued by the event's time, which takes the place of
+    /// `not_before`. (A token without `iat` cannot show its lifetime; the issuer's own
+    /// limit is trusted for it.)
     fn entry<'a>(&self, event: &'a Event) -> (u8, &'a str, &'a str, u64, u64) {
         let r = &event.revocation;
         let (lifetime, leeway) = self.of(r.iss());
+        let outlived = |from: u64| {
+            from.saturating_add(lifetime)
+                .saturating_add(leeway.saturating_mul(2))
+        };
         match r {
             Revocation::Token { iss, jti, exp } => {
-                // Without `exp`, any token with this jti was issued before the event and
-                // so expires within one lifetime of it.
                 let expiry = match exp {
                     Some(exp) => exp.saturating_add(leeway),
-                    None => event.event_time.saturating_add(lifetime + leeway),
+                    None => outlived(event.event_time),
                 };
                 (TOKEN, iss, jti, exp.unwrap_or(0), expiry)
             }
@@ -151,38 +162,22 @@ impl Retention {
                 iss,
                 sub,
                 not_before,
-            } => (
-                SUBJECT,
-                iss,
-                sub,
-                *not_before,
-                not_before.saturating_add(lifetime + leeway),
-            ),
+            } => (SUBJECT, iss, sub, *not_before, outlived(*not_before)),
             Revocation::Session { iss, sid } => (
                 SESSION,
                 iss,
                 sid,
                 event.event_time,
-                event.event_time.saturating_add(lifetime + leeway),
+                outlived(event.event_time),
             ),
             Revocation::Client {
                 iss,
                 client_id,
                 not_before,
-            } => (
-                CLIENT,
-                iss,
-                client_id,
-                *not_before,
-                not_before.saturating_add(lifetime + leeway),
-            ),
-            Revocation::Issuer { iss, not_before } => (
-                ISSUER,
-                iss,
-                "",
-                *not_before,
-                not_before.saturating_add(lifetime + leeway),
-            ),
+            } => (CLIENT, iss, client_id, *not_before, outlived(*not_before)),
+            Revocation::Issuer { iss, not_before } => {
+                (ISSUER, iss, "", *not_before, outlived(*not_before))
+            }
         }
     }
 }
@@ -727,8 +722,11 @@ impl Denylist {
             let Some(primary) = self.index.get(&key) else {
                 continue;
             };
-            // Token and session entries revoke outright; the others by not_before.
-            if kind == TOKEN || kind == SESSION || primary > iat {
+            // Token and session entries revoke outright; the others by not_before. Times
+            // are whole seconds and the order of a token and a revocation inside one
+            // second is unknown, so a token issued in the revocation's second is revoked
+            // (the safe side): iat <= not_before.
+            if kind == TOKEN || kind == SESSION || primary >= iat {
                 return Ok(Some(word));
             }
         }
@@ -1114,8 +1112,14 @@ mod tests {
                 expect_unrelated,
                 "{r:?} unrelated"
             );
-            // not_before rules spare tokens issued at or after not_before.
-            let later = d.revoked_by(&tok(1000)).unwrap();
+            // not_before rules cover tokens issued in the revocation's own second (which
+            // came first is unknown) and spare those issued after it.
+            assert_eq!(
+                d.revoked_by(&tok(1000)).unwrap(),
+                Some(word),
+                "{r:?} same-second token"
+            );
+            let later = d.revoked_by(&tok(1001)).unwrap();
             match word {
                 "token" | "session" => assert_eq!(later, Some(word)),
                 _ => assert_eq!(later, None, "{r:?} later token"),
@@ -1127,6 +1131,93 @@ mod tests {
             };
             assert_eq!(d.revoked_by(&no_iat).unwrap(), Some(word));
         }
+    }
+
+    #[test]
+    fn entries_live_until_nothing_they_cover_can_validate() {
+        // lifetime 3600, leeway 30: a covered token has iat <= not_before and
+        // exp <= iat + 3600 + 30, and is accepted while now < exp + 30.
+        let d = Denylist::temporary(Retention::new(
+            Duration::from_secs(HOUR),
+            Duration::from_secs(30),
+        ))
+        .unwrap();
+        let iss = || "I".to_string();
+        let events = [
+            ev(
+                1000,
+                Revocation::Subject {
+                    iss: iss(),
+                    sub: "S".into(),
+                    not_before: 900,
+                },
+            ),
+            ev(
+                1000,
+                Revocation::Client {
+                    iss: iss(),
+                    client_id: "C".into(),
+                    not_before: 900,
+                },
+            ),
+            ev(
+                1000,
+                Revocation::Issuer {
+                    iss: iss(),
+                    not_before: 900,
+                },
+            ),
+            ev(
+                1000,
+                Revocation::Session {
+                    iss: iss(),
+                    sid: "X".into(),
+                },
+            ),
+            ev(
+                1000,
+                Revocation::Token {
+                    iss: iss(),
+                    jti: "J".into(),
+                    exp: Some(2000),
+                },
+            ),
+            ev(
+                1000,
+                Revocation::Token {
+                    iss: iss(),
+                    jti: "K".into(),
+                    exp: None,
+                },
+            ),
+        ];
+        d.apply(&events, &[], 1000).unwrap();
+        let expires: Vec<(&str, String, u64)> = d
+            .entries()
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.kind, e.id, e.expires))
+            .collect();
+        let want = |kind, id: &str, expires| (kind, id.to_string(), expires);
+        for entry in [
+            want("subject", "S", 900 + 3600 + 60),
+            want("client", "C", 900 + 3600 + 60),
+            want("issuer", "", 900 + 3600 + 60),
+            want("session", "X", 1000 + 3600 + 60),
+            want("token", "J", 2000 + 30),
+            want("token", "K", 1000 + 3600 + 60),
+        ] {
+            assert!(expires.contains(&entry), "{entry:?} in {expires:?}");
+        }
+        // A replay is dropped as lapsed exactly when its entry would have expired.
+        let replay = |now| d.apply(&events[..1], &[], now).unwrap();
+        let fresh = Denylist::temporary(Retention::new(
+            Duration::from_secs(HOUR),
+            Duration::from_secs(30),
+        ))
+        .unwrap();
+        assert_eq!(fresh.apply(&events[..1], &[], 4559).unwrap().changed, 1);
+        assert_eq!(replay(4560).already_expired, 1);
     }
 
     #[test]

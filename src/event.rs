@@ -17,7 +17,7 @@ pub enum Revocation {
         jti: String,
         exp: Option<u64>,
     },
-    /// Every token of a subject issued before `not_before`.
+    /// Every token of a subject issued at or before `not_before` (`iat <= not_before`).
     Subject {
         iss: String,
         sub: String,
@@ -25,13 +25,13 @@ pub enum Revocation {
     },
     /// Every token carrying this session id.
     Session { iss: String, sid: String },
-    /// Every token of a client issued before `not_before`.
+    /// Every token of a client issued at or before `not_before`.
     Client {
         iss: String,
         client_id: String,
         not_before: u64,
     },
-    /// Every token of the issuer issued before `not_before` (mass revocation).
+    /// Every token of the issuer issued at or before `not_before` (mass revocation).
     Issuer { iss: String, not_before: u64 },
 }
 
@@ -122,6 +122,12 @@ impl DecodeError {
     }
 }
 
+/// The optional fields of a record that a decoder could not use and ignored, named as on
+/// the wire (`reason`, `exp`, `details.token_id` …). A bad optional field never makes a
+/// record malformed: throwing the record away would lose its revocation, so the field is
+/// treated as absent, and the reader counts it (`revsync_event_fields_ignored_total`).
+pub type Ignored = Vec<&'static str>;
+
 /// A native v1 record: a revocation, or a publisher's heartbeat (`type: "heartbeat"`),
 /// which revokes nothing but proves the publisher → Kafka → revsync path is alive.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,7 +138,12 @@ pub enum NativeRecord {
 
 /// Decodes one native v1 revocation. A heartbeat is an error here: it revokes nothing.
 pub fn decode_native(bytes: &[u8]) -> Result<Event, DecodeError> {
-    match decode_native_record(bytes)? {
+    decode_native_noting(bytes, &mut Ignored::new())
+}
+
+/// [`decode_native`], naming the unusable optional fields it ignored in `ignored`.
+pub fn decode_native_noting(bytes: &[u8], ignored: &mut Ignored) -> Result<Event, DecodeError> {
+    match decode_native_record_noting(bytes, ignored)? {
         NativeRecord::Event(e) => Ok(e),
         NativeRecord::Heartbeat { .. } => Err(DecodeError::Invalid("a heartbeat revokes nothing")),
     }
@@ -140,6 +151,17 @@ pub fn decode_native(bytes: &[u8]) -> Result<Event, DecodeError> {
 
 /// Decodes one native v1 record value. Unknown fields are ignored (forward compatible).
 pub fn decode_native_record(bytes: &[u8]) -> Result<NativeRecord, DecodeError> {
+    decode_native_record_noting(bytes, &mut Ignored::new())
+}
+
+/// [`decode_native_record`], naming the unusable optional fields it ignored in `ignored`.
+/// Only a missing or unusable required field (`v`, `id`, `type`, `iss`, `event_time`, the
+/// type's identifier) makes a record malformed; an unusable `reason`, `exp` or
+/// `not_before` is treated as absent (so `exp` unknown, `not_before` the event time).
+pub fn decode_native_record_noting(
+    bytes: &[u8],
+    ignored: &mut Ignored,
+) -> Result<NativeRecord, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
@@ -151,10 +173,13 @@ pub fn decode_native_record(bytes: &[u8]) -> Result<NativeRecord, DecodeError> {
     let Value::Object(obj) = value else {
         return Err(DecodeError::NotObject);
     };
-    decode_native_object(&obj)
+    decode_native_object(&obj, ignored)
 }
 
-fn decode_native_object(obj: &Map<String, Value>) -> Result<NativeRecord, DecodeError> {
+fn decode_native_object(
+    obj: &Map<String, Value>,
+    ignored: &mut Ignored,
+) -> Result<NativeRecord, DecodeError> {
     match obj.get("v") {
         None => return Err(DecodeError::MissingField("v")),
         Some(v) if v.as_u64() == Some(1) => {}
@@ -166,20 +191,19 @@ fn decode_native_object(obj: &Map<String, Value>) -> Result<NativeRecord, Decode
     let iss = req_str(obj, "iss")?;
     let event_time =
         numeric_date(obj, "event_time")?.ok_or(DecodeError::MissingField("event_time"))?;
-    let reason = opt_str(obj, "reason")?;
-    let not_before = || -> Result<u64, DecodeError> {
-        Ok(numeric_date(obj, "not_before")?.unwrap_or(event_time))
-    };
+    let reason = optional(opt_str(obj, "reason"), "reason", ignored);
+    let not_before =
+        |ignored: &mut Ignored| optional(numeric_date(obj, "not_before"), "not_before", ignored);
     let revocation = match kind.as_str() {
         "token" => Revocation::Token {
             iss,
             jti: req_str(obj, "jti")?,
-            exp: numeric_date(obj, "exp")?,
+            exp: optional(numeric_date(obj, "exp"), "exp", ignored),
         },
         "subject" => Revocation::Subject {
             iss,
             sub: req_str(obj, "sub")?,
-            not_before: not_before()?,
+            not_before: not_before(ignored).unwrap_or(event_time),
         },
         "session" => Revocation::Session {
             iss,
@@ -188,11 +212,11 @@ fn decode_native_object(obj: &Map<String, Value>) -> Result<NativeRecord, Decode
         "client" => Revocation::Client {
             iss,
             client_id: req_str(obj, "client_id")?,
-            not_before: not_before()?,
+            not_before: not_before(ignored).unwrap_or(event_time),
         },
         "issuer" => Revocation::Issuer {
             iss,
-            not_before: not_before()?,
+            not_before: not_before(ignored).unwrap_or(event_time),
         },
         "heartbeat" => return Ok(NativeRecord::Heartbeat { iss, event_time }),
         _ => return Err(DecodeError::UnknownType),
@@ -209,6 +233,19 @@ fn decode_native_object(obj: &Map<String, Value>) -> Result<NativeRecord, Decode
 pub fn encode_heartbeat(id: &str, iss: &str, event_time: u64) -> String {
     serde_json::json!({"v": 1, "id": id, "type": "heartbeat", "iss": iss, "event_time": event_time})
         .to_string()
+}
+
+/// An optional field's value from `read`; an unusable one counts as absent and is named
+/// in `ignored`. (In the native format `null` is unusable too: the schema allows none.)
+pub(crate) fn optional<T, E>(
+    read: Result<Option<T>, E>,
+    field: &'static str,
+    ignored: &mut Ignored,
+) -> Option<T> {
+    read.unwrap_or_else(|_| {
+        ignored.push(field);
+        None
+    })
 }
 
 fn req_str(obj: &Map<String, Value>, field: &'static str) -> Result<String, DecodeError> {
@@ -416,7 +453,11 @@ mod tests {
                 "missing_field",
             ),
             (
-                r#"{"v":1,"id":"e","type":"token","iss":"I","jti":"J","exp":"soon","event_time":1}"#,
+                r#"{"v":1,"id":"e","type":"token","iss":"I","jti":"","event_time":1}"#,
+                "empty_value",
+            ),
+            (
+                r#"{"v":1,"id":7,"type":"session","iss":"I","sid":"X","event_time":1}"#,
                 "wrong_type",
             ),
         ];
@@ -426,6 +467,83 @@ mod tests {
         }
         let big = format!(r#"{{"v":1,"pad":"{}"}}"#, "x".repeat(MAX_EVENT_BYTES));
         assert_eq!(decode(&big).unwrap_err().reason(), "too_large");
+    }
+
+    #[test]
+    fn bad_optional_fields_are_ignored_and_the_revocation_kept() {
+        let token = |extra: &str| {
+            decode(&format!(
+                r#"{{"v":1,"id":"e","type":"token","iss":"I","jti":"J","event_time":100{extra}}}"#
+            ))
+        };
+        let kept = Revocation::Token {
+            iss: "I".into(),
+            jti: "J".into(),
+            exp: None,
+        };
+        for extra in [
+            r#","exp":null"#,
+            r#","exp":"soon""#,
+            r#","exp":-1"#,
+            r#","exp":1e300"#,
+            r#","reason":"""#,
+            r#","reason":7"#,
+            r#","reason":null"#,
+        ] {
+            let e = token(extra).unwrap_or_else(|err| panic!("{extra}: {err}"));
+            assert_eq!(e.revocation, kept, "{extra}");
+            assert_eq!(e.reason, None, "{extra}");
+        }
+        // An unusable not_before is the event time, as if it were absent.
+        for kind in [
+            r#""subject","sub":"S""#,
+            r#""client","client_id":"S""#,
+            r#""issuer""#,
+        ] {
+            for bad in [r#""x""#, "null", "-5", "[1]"] {
+                let e = decode(&format!(
+                    r#"{{"v":1,"id":"e","type":{kind},"iss":"I","event_time":100,"not_before":{bad}}}"#
+                ))
+                .unwrap_or_else(|err| panic!("{kind} {bad}: {err}"));
+                let nb = match e.revocation {
+                    Revocation::Subject { not_before, .. }
+                    | Revocation::Client { not_before, .. }
+                    | Revocation::Issuer { not_before, .. } => not_before,
+                    other => panic!("{other:?}"),
+                };
+                assert_eq!(nb, 100, "{kind} {bad}");
+            }
+        }
+    }
+
+    #[test]
+    fn ignored_fields_are_named() {
+        let mut ignored = Ignored::new();
+        let e = decode_native_noting(
+            br#"{"v":1,"id":"e","type":"token","iss":"I","jti":"J","event_time":5,"reason":"","exp":null,"not_before":"x"}"#,
+            &mut ignored,
+        )
+        .unwrap();
+        assert_eq!(
+            ignored,
+            ["reason", "exp"],
+            "not_before is not read for tokens"
+        );
+        assert_eq!(e.event_time, 5);
+        let mut ignored = Ignored::new();
+        decode_native_noting(
+            br#"{"v":1,"id":"e","type":"subject","iss":"I","sub":"S","event_time":5,"reason":"r","not_before":-1}"#,
+            &mut ignored,
+        )
+        .unwrap();
+        assert_eq!(ignored, ["not_before"]);
+        let mut ignored = Ignored::new();
+        decode_native_noting(
+            br#"{"v":1,"id":"e","type":"subject","iss":"I","sub":"S","event_time":5,"not_before":4}"#,
+            &mut ignored,
+        )
+        .unwrap();
+        assert!(ignored.is_empty());
     }
 
     #[test]

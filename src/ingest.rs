@@ -700,20 +700,27 @@ impl Reader {
                     0
                 };
                 let payload = msg.payload().unwrap_or_default();
+                let mut ignored = event::Ignored::new();
                 let decoded = match format {
                     // Native topics may carry heartbeats, which feed freshness, not the store.
-                    EventFormat::Native => match event::decode_native_record(payload) {
-                        Ok(NativeRecord::Event(e)) => Ok(Some(e)),
-                        Ok(NativeRecord::Heartbeat { iss, event_time }) => {
-                            let sent = msg.timestamp().to_millis().map(|t| t.max(0) as u64);
-                            self.state
-                                .record_heartbeat(&iss, sent.unwrap_or(event_time * 1000));
-                            Ok(None)
+                    EventFormat::Native => {
+                        match event::decode_native_record_noting(payload, &mut ignored) {
+                            Ok(NativeRecord::Event(e)) => Ok(Some(e)),
+                            Ok(NativeRecord::Heartbeat { iss, event_time }) => {
+                                let sent = msg.timestamp().to_millis().map(|t| t.max(0) as u64);
+                                self.state
+                                    .record_heartbeat(&iss, sent.unwrap_or(event_time * 1000));
+                                Ok(None)
+                            }
+                            Err(e) => Err(FormatError::from(e)),
                         }
-                        Err(e) => Err(FormatError::from(e)),
-                    },
-                    _ => decode(cfg, payload, self.sets.as_ref(), seen_at_ms),
+                    }
+                    _ => decode(cfg, payload, self.sets.as_ref(), seen_at_ms, &mut ignored),
                 };
+                if decoded.is_ok() {
+                    self.metrics
+                        .fields_ignored(topic, format.as_str(), &ignored);
+                }
                 match decoded {
                     Ok(Some(event)) => {
                         origins.push(Origin {
@@ -1258,27 +1265,32 @@ fn label_index(labels: &mut Vec<TopicLabels>, topic: &str, format: EventFormat) 
 
 /// Decodes a record in its topic's configured format (never sniffed): an event,
 /// `Ok(None)` for a record that revokes nothing, or why not. `sets` verifies `set`
-/// records; `seen_at_ms` is when the reader first held the record (unix ms).
+/// records; `seen_at_ms` is when the reader first held the record (unix ms). Unusable
+/// optional fields it ignored are named in `ignored`.
 pub fn decode(
     topic: &TopicConfig,
     payload: &[u8],
     sets: Option<&SetVerifier>,
     seen_at_ms: u64,
+    ignored: &mut event::Ignored,
 ) -> Decoded {
     match topic.format {
-        EventFormat::Native => event::decode_native(payload)
+        EventFormat::Native => event::decode_native_noting(payload, ignored)
             .map(Some)
             .map_err(FormatError::from),
         EventFormat::Keycloak => match topic.issuer.as_deref() {
-            Some(issuer) => keycloak::decode(payload, issuer),
+            Some(issuer) => keycloak::decode_noting(payload, issuer, ignored),
             None => Err(FormatError::Unverifiable(
                 "keycloak topic without an issuer".into(),
             )),
         },
         EventFormat::Set => match sets {
-            Some(verifier) => {
-                verifier.decode_blocking(payload, topic.issuer.as_deref(), seen_at_ms)
-            }
+            Some(verifier) => verifier.decode_blocking_noting(
+                payload,
+                topic.issuer.as_deref(),
+                seen_at_ms,
+                ignored,
+            ),
             None => Err(FormatError::Unverifiable(
                 "no verifier for SETs is configured".into(),
             )),

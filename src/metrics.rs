@@ -25,6 +25,14 @@ pub struct MalformedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IgnoredFieldLabels {
+    pub topic: String,
+    pub format: &'static str,
+    /// The field as named on the wire (`reason`, `exp`, `details.token_id` …).
+    pub field: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PartitionLabels {
     pub topic: String,
     pub partition: i32,
@@ -66,7 +74,7 @@ fn delay_histogram() -> Histogram {
 const CHECK_ROUTES: [&str; 3] = ["check", "introspect", "authz"];
 
 /// Every (outcome, reason) a check records, in the order of [`CheckChildren`].
-const CHECK_OUTCOMES: [(&str, &str); 13] = [
+const CHECK_OUTCOMES: [(&str, &str); 14] = [
     ("active", "none"),
     ("active", "stale"),
     ("inactive", "expired"),
@@ -77,6 +85,7 @@ const CHECK_OUTCOMES: [(&str, &str); 13] = [
     ("inactive", "wrong_audience"),
     ("inactive", "wrong_type"),
     ("inactive", "malformed"),
+    ("inactive", "lifetime_exceeded"),
     ("inactive", "revoked"),
     ("undecided", "unknown_key"),
     ("undecided", "stale"),
@@ -105,6 +114,8 @@ pub struct Metrics {
     pub events_applied: Family<TopicLabels, Counter>,
     pub events_malformed: Family<MalformedLabels, Counter>,
     pub events_ignored: Family<TopicLabels, Counter>,
+    /// Unusable optional fields of decoded events, ignored as if absent.
+    pub event_fields_ignored: Family<IgnoredFieldLabels, Counter>,
     pub batches_applied: Counter,
     pub lag: Family<PartitionLabels, Gauge>,
     pub position: Family<PartitionLabels, Gauge>,
@@ -146,6 +157,7 @@ impl Metrics {
             events_applied: Family::default(),
             events_malformed: Family::default(),
             events_ignored: Family::default(),
+            event_fields_ignored: Family::default(),
             batches_applied: Counter::default(),
             lag: Family::default(),
             position: Family::default(),
@@ -184,6 +196,11 @@ impl Metrics {
             "events_ignored",
             "Well-formed records that revoke nothing (e.g. unmapped Keycloak events)",
             m.events_ignored.clone(),
+        );
+        registry.register(
+            "event_fields_ignored",
+            "Unusable optional fields of decoded events, ignored as if absent (the revocation still applies)",
+            m.event_fields_ignored.clone(),
         );
         registry.register(
             "batches_applied",
@@ -346,6 +363,20 @@ impl Metrics {
         CHECK_ROUTES.contains(&route) && CHECK_OUTCOMES.contains(&(outcome, reason))
     }
 
+    /// Counts each of `fields`: optional fields of one event from `topic` that were
+    /// unusable and ignored.
+    pub fn fields_ignored(&self, topic: &str, format: &'static str, fields: &[&'static str]) {
+        for field in fields {
+            self.event_fields_ignored
+                .get_or_create(&IgnoredFieldLabels {
+                    topic: topic.to_string(),
+                    format,
+                    field,
+                })
+                .inc();
+        }
+    }
+
     pub fn malformed(&self, topic: &str, format: &'static str, reason: &'static str) {
         self.events_malformed
             .get_or_create(&MalformedLabels {
@@ -365,6 +396,7 @@ mod tests {
     fn exposition_names_are_prefixed_and_labelled() {
         let m = Metrics::new();
         m.malformed("revocations", "native", "missing_field");
+        m.fields_ignored("revocations", "native", &["reason", "exp"]);
         m.checks
             .get_or_create(&CheckLabels {
                 route: "check",
@@ -378,6 +410,9 @@ mod tests {
         ));
         assert!(text.contains(
             "revsync_checks_total{route=\"check\",outcome=\"inactive\",reason=\"revoked\"} 1"
+        ));
+        assert!(text.contains(
+            "revsync_event_fields_ignored_total{topic=\"revocations\",format=\"native\",field=\"exp\"} 1"
         ));
         assert!(text.ends_with("# EOF\n"));
     }

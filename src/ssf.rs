@@ -225,19 +225,24 @@ async fn receive(State(rx): State<Arc<Receiver>>, headers: HeaderMap, body: Byte
         );
     }
     let seen_at_ms = crate::unix_now_ms();
+    let mut ignored = crate::event::Ignored::new();
     let decoded = match set::token_text(&body) {
         Ok(token) => {
-            set::decode(
+            set::decode_noting(
                 &rx.validator,
                 token,
                 rx.audience.as_deref(),
                 rx.issuer.as_deref(),
                 seen_at_ms,
+                &mut ignored,
             )
             .await
         }
         Err(e) => Err(e),
     };
+    if decoded.is_ok() {
+        rx.metrics.fields_ignored(METRICS_TOPIC, "set", &ignored);
+    }
     let event = match decoded {
         Ok(Some(event)) => event,
         Ok(None) => {

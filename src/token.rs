@@ -10,8 +10,17 @@
 //! 4. the key comes only from the issuer's JWKS, by `kid` (header `jku`, `x5u`, `jwk`,
 //!    `x5c` are never read); an unknown `kid` triggers one rate-limited, single-flight
 //!    refetch;
-//! 5. signature, then `typ`, `aud`, `exp`, `nbf` (with leeway, at the caller's `now`)
-//!    and the issuer's required claims.
+//! 5. signature, then `typ`, `aud`, the issuer's `max_token_lifetime` (`exp - iat`),
+//!    `exp`, `nbf` and `iat` (with leeway, at the caller's `now`) and the issuer's required
+//!    claims.
+//!
+//! The lifetime and `iat` rules are what lets the denylist forget: a `not_before` entry is
+//! dropped a lifetime (and two leeways) after its `not_before`, which is safe only if no
+//! token issued by then can still be accepted. So a token living longer than its issuer's
+//! `max_token_lifetime` is refused (`lifetime_exceeded`), and so is one claiming an `iat`
+//! in the future (`not_yet_valid`): it would escape every `not_before` revocation until
+//! then. A token without `iat` cannot show its lifetime; it is refused while its `exp` is
+//! further ahead than the lifetime allows, and otherwise the issuer's own limit is trusted.
 //!
 //! Tokens are secrets (invariant 6): nothing here logs a token, a header or a signature;
 //! `iss` and a truncated `kid` may be logged.
@@ -64,6 +73,10 @@ pub enum Rejection {
     WrongType,
     #[error("malformed token")]
     Malformed,
+    /// `exp - iat` is longer than the issuer's `max_token_lifetime` (plus leeway), or,
+    /// without `iat`, `exp` is further ahead than that.
+    #[error("token lives longer than its issuer allows")]
+    LifetimeExceeded,
     /// The issuer's keys could not be loaded (never fetched successfully): no decision.
     #[error("signing keys unavailable")]
     KeysUnavailable,
@@ -81,6 +94,7 @@ impl Rejection {
             Rejection::WrongAudience => "wrong_audience",
             Rejection::WrongType => "wrong_type",
             Rejection::Malformed => "malformed",
+            Rejection::LifetimeExceeded => "lifetime_exceeded",
         }
     }
 
@@ -571,6 +585,8 @@ struct Issuer {
     algorithms: Vec<Algorithm>,
     require_typ: bool,
     leeway: u64,
+    /// `max_token_lifetime` in seconds.
+    max_lifetime: u64,
     required_claims: Vec<String>,
     refresh: Duration,
     min_refetch: Duration,
@@ -606,6 +622,7 @@ impl Issuer {
             algorithms,
             require_typ: config.require_typ,
             leeway: config.leeway.as_secs(),
+            max_lifetime: config.max_token_lifetime.as_secs(),
             required_claims: config.required_claims.clone(),
             refresh: config.jwks_refresh.max(MIN_REFRESH),
             min_refetch: config.jwks_min_refetch,
@@ -1079,18 +1096,40 @@ fn is_access_token_typ(typ: Option<&str>) -> bool {
     })
 }
 
-/// The window in which a token is valid: `[nbf - leeway, exp + leeway)`.
+/// Whether the token lives longer than `lifetime` (plus `leeway`) by its own `exp - iat`.
+/// A fixed property of the token, so checked once, before it is cached; tokens without
+/// `iat` are bounded by [`Window`] instead.
+fn exceeds_lifetime(token: &VerifiedToken, lifetime: u64, leeway: u64) -> bool {
+    token
+        .iat
+        .is_some_and(|iat| token.exp.saturating_sub(iat) > lifetime.saturating_add(leeway))
+}
+
+/// The times at which a token is accepted: from `max(nbf, iat) - leeway` until
+/// `exp + leeway` (exclusive) and, for a token without `iat`, not while `exp` is more than
+/// the lifetime (plus leeway) ahead. It depends on the clock, so it is kept in the
+/// verified-token cache and checked again on every hit.
 #[derive(Clone, Copy)]
 struct Window {
     not_before: u64,
     not_after: u64,
+    /// Without `iat`: `exp - lifetime - leeway`; 0 otherwise.
+    lifetime_from: u64,
 }
 
 impl Window {
-    fn new(token: &VerifiedToken, leeway: u64) -> Self {
+    fn new(token: &VerifiedToken, leeway: u64, lifetime: u64) -> Self {
+        // An `iat` in the future is as good as a `nbf` there: such a token would escape
+        // every `not_before` revocation made before its `iat`.
+        let starts = token.nbf.max(token.iat).unwrap_or(0);
+        let lifetime_from = match token.iat {
+            Some(_) => 0,
+            None => token.exp.saturating_sub(lifetime.saturating_add(leeway)),
+        };
         Window {
-            not_before: token.nbf.map_or(0, |nbf| nbf.saturating_sub(leeway)),
+            not_before: starts.saturating_sub(leeway),
             not_after: token.exp.saturating_add(leeway),
+            lifetime_from,
         }
     }
 
@@ -1099,6 +1138,8 @@ impl Window {
             Err(Rejection::Expired)
         } else if now < self.not_before {
             Err(Rejection::NotYetValid)
+        } else if now < self.lifetime_from {
+            Err(Rejection::LifetimeExceeded)
         } else {
             Ok(())
         }
@@ -1256,7 +1297,10 @@ impl TokenValidator {
         })? {
             return Err(Rejection::WrongAudience);
         }
-        let window = Window::new(&verified, issuer.leeway);
+        if exceeds_lifetime(&verified, issuer.max_lifetime, issuer.leeway) {
+            return Err(Rejection::LifetimeExceeded);
+        }
+        let window = Window::new(&verified, issuer.leeway, issuer.max_lifetime);
         window.check(now)?;
         for claim in &issuer.required_claims {
             if matches!(verified.claims.get(claim), None | Some(Value::Null)) {
@@ -1778,6 +1822,7 @@ mod tests {
             WrongType,
             Malformed,
             KeysUnavailable,
+            LifetimeExceeded,
         ]
         .iter()
         .map(|r| (r.reason(), r.undecidable()))
@@ -1794,6 +1839,7 @@ mod tests {
                 ("wrong_type", false),
                 ("malformed", false),
                 ("unknown_key", true),
+                ("lifetime_exceeded", false),
             ]
         );
     }
@@ -1966,13 +2012,64 @@ mod tests {
     #[test]
     fn time_window_applies_leeway() {
         let t = extract_claims(obj(json!({"iss": "i", "exp": 1000, "nbf": 500}))).unwrap();
-        let w = Window::new(&t, 30);
+        let w = Window::new(&t, 30, 3600);
         assert_eq!(w.check(1029), Ok(()));
         assert_eq!(w.check(1030), Err(Rejection::Expired));
         assert_eq!(w.check(470), Ok(()));
         assert_eq!(w.check(469), Err(Rejection::NotYetValid));
-        let t = extract_claims(obj(json!({"iss": "i", "exp": u64::MAX, "nbf": 5}))).unwrap();
-        assert_eq!(Window::new(&t, 30).check(0), Ok(()));
+        let t = extract_claims(obj(
+            json!({"iss": "i", "iat": 5, "exp": u64::MAX, "nbf": 5}),
+        ))
+        .unwrap();
+        assert_eq!(Window::new(&t, 30, 3600).check(0), Ok(()));
+    }
+
+    #[test]
+    fn an_iat_in_the_future_is_not_yet_valid() {
+        let t = extract_claims(obj(json!({"iss": "i", "iat": 500, "exp": 1000}))).unwrap();
+        let w = Window::new(&t, 30, 3600);
+        assert_eq!(w.check(470), Ok(()));
+        assert_eq!(w.check(469), Err(Rejection::NotYetValid));
+        // The later of nbf and iat counts.
+        let t = extract_claims(obj(
+            json!({"iss": "i", "iat": 500, "nbf": 600, "exp": 1000}),
+        ))
+        .unwrap();
+        assert_eq!(
+            Window::new(&t, 0, 3600).check(599),
+            Err(Rejection::NotYetValid)
+        );
+        let t = extract_claims(obj(
+            json!({"iss": "i", "iat": 600, "nbf": 500, "exp": 1000}),
+        ))
+        .unwrap();
+        assert_eq!(
+            Window::new(&t, 0, 3600).check(599),
+            Err(Rejection::NotYetValid)
+        );
+        assert_eq!(Window::new(&t, 0, 3600).check(600), Ok(()));
+    }
+
+    #[test]
+    fn lifetimes_are_bounded_by_the_issuers() {
+        let token = |claims: Value| extract_claims(obj(claims)).unwrap();
+        let t = token(json!({"iss": "i", "iat": 1000, "exp": 1000 + 3630}));
+        assert!(!exceeds_lifetime(&t, 3600, 30));
+        let t = token(json!({"iss": "i", "iat": 1000, "exp": 1000 + 3631}));
+        assert!(exceeds_lifetime(&t, 3600, 30));
+        let t = token(json!({"iss": "i", "iat": 2000, "exp": 1000}));
+        assert!(
+            !exceeds_lifetime(&t, 3600, 30),
+            "exp before iat is not long"
+        );
+        // Without iat: exp at most lifetime + leeway ahead of the clock.
+        let t = token(json!({"iss": "i", "exp": 10_000}));
+        assert!(!exceeds_lifetime(&t, 3600, 30));
+        let w = Window::new(&t, 30, 3600);
+        assert_eq!(w.check(10_000 - 3631), Err(Rejection::LifetimeExceeded));
+        assert_eq!(w.check(10_000 - 3630), Ok(()));
+        let t = token(json!({"iss": "i", "exp": 100}));
+        assert_eq!(Window::new(&t, 30, 3600).check(0), Ok(()));
     }
 
     #[test]

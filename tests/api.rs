@@ -235,7 +235,7 @@ async fn check_revoked_for_each_kind_and_only_the_matching_tokens() {
     h.assert_inactive(&hit, "revoked").await;
     h.assert_active(&miss).await;
 
-    // subject: (iss, sub) with not_before > iat
+    // subject: (iss, sub) with not_before >= iat
     let hit = h.token(json!({"sub": "sub-bob"}));
     let other_subject = h.token(json!({"sub": "sub-carol"}));
     let issued_after = h.token(json!({"sub": "sub-bob", "iat": t + 5}));
@@ -278,9 +278,9 @@ async fn check_revoked_for_each_kind_and_only_the_matching_tokens() {
     h.assert_inactive(&hit_azp, "revoked").await;
     h.assert_active(&miss).await;
 
-    // issuer: every token of the issuer issued before not_before
+    // issuer: every token of the issuer issued at or before not_before
     let hit = h.token(json!({"sub": "sub-dave"}));
-    let issued_after = h.token(json!({"sub": "sub-dave", "iat": t + 60}));
+    let issued_after = h.token(json!({"sub": "sub-dave", "iat": t + 1}));
     h.revoke(Revocation::Issuer {
         iss: "https://other.example.com".into(),
         not_before: t,
@@ -800,4 +800,39 @@ async fn no_answer_echoes_the_token() {
             r.assert_does_not_echo(signature);
         }
     }
+}
+
+/// Two `Authorization` headers on a check: which one counts is never guessed.
+#[tokio::test]
+async fn two_authorization_headers_are_refused() {
+    let h = Harness::new(Opts::default()).await;
+    let good = bearer(&h.token(json!({})));
+    let revoked_jti = "two-headers";
+    let revoked = bearer(&h.token(json!({"jti": revoked_jti})));
+    h.revoke_jti(revoked_jti);
+    for pair in [[&good, &revoked], [&revoked, &good], [&good, &good]] {
+        let headers = [
+            ("authorization", pair[0].as_str()),
+            ("authorization", pair[1].as_str()),
+        ];
+        let r = h
+            .request(Method::POST, "/v1/check", &headers, Body::empty())
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "/v1/check");
+        assert_eq!(r.json()["error"], json!("invalid_request"));
+        let r = h
+            .request(Method::GET, "/v1/authz", &headers, Body::empty())
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "/v1/authz");
+        assert!(
+            r.header("www-authenticate")
+                .is_some_and(|c| c.contains("invalid_request")),
+            "{:?}",
+            r.header("www-authenticate")
+        );
+    }
+    // One header is answered as always.
+    h.assert_active(&h.token(json!({}))).await;
+    let r = h.check_header(&good).await;
+    assert_eq!(r.json()["active"], json!(true));
 }

@@ -724,12 +724,16 @@ fn set_claims_and_the_schema_agree() {
                 .clone(),
             claims: claims.as_object().unwrap().clone(),
         };
-        let decoded = set::map_verified(&jws);
+        // The schema is what issuers must send; the decoder also takes a SET whose only
+        // faults are unusable optional members (ignoring them, so the revocation is not
+        // lost), and names them.
+        let mut ignored = revsync::event::Ignored::new();
+        let decoded = set::map_verified_noting(&jws, &mut ignored);
         assert_eq!(schema.is_valid(&claims), expected, "schema on {claims}");
         assert_eq!(
-            decoded.is_ok(),
+            decoded.is_ok() && ignored.is_empty(),
             expected,
-            "decoder on {claims}: {decoded:?}"
+            "decoder on {claims}: {decoded:?}, ignored {ignored:?}"
         );
         if expected {
             valid += 1
@@ -981,10 +985,11 @@ async fn set_and_keycloak_topics_reach_the_denylist_through_the_broker() {
     assert_eq!(ing.malformed("sets", "set", "nonce_present"), 1);
 
     // Keycloak: user and admin events of every mapped kind.
-    // Tokens issued after the realm's logout-all and not-before (1718000014) but before
-    // the client's not-before (1718000015); session and token entries hold at any iat.
+    // Tokens issued after the realm's logout-all and not-before (1718000014) but at the
+    // client's not-before (1718000015: iat <= not_before is revoked); session and token
+    // entries hold at any iat.
     let after = |t: TokenRef<'static>| TokenRef {
-        iat: Some(1_718_000_014),
+        iat: Some(1_718_000_015),
         ..t
     };
     let base = tok(KC_ISS);
@@ -1026,7 +1031,7 @@ async fn set_and_keycloak_topics_reach_the_denylist_through_the_broker() {
         })),
         None
     );
-    // User deletion (not_before 1718000011) and the realm's not-before (1718000014).
+    // User deletion (not_before 1718000010) and the realm's not-before (1718000014).
     let early = |t: TokenRef<'static>| TokenRef {
         iat: Some(1_718_000_010),
         client_id: None,

@@ -195,11 +195,12 @@ fn events_of_every_type_reach_the_denylist_and_decide_correctly() {
             .unwrap(),
             Some("client")
         );
-        // Tokens issued at or after not_before survive subject and client revocations.
+        // Tokens issued after not_before survive subject and client revocations (one
+        // issued in its second, iat == not_before, is revoked).
         let fresh = TokenRef {
             sub: Some(&s),
             client_id: Some(&c),
-            iat: Some(now),
+            iat: Some(now + 1),
             ..clean
         };
         assert_eq!(d.revoked_by(&fresh).unwrap(), None);
@@ -222,7 +223,7 @@ fn events_of_every_type_reach_the_denylist_and_decide_correctly() {
     assert_eq!(
         d.revoked_by(&TokenRef {
             iss: "B",
-            iat: Some(now),
+            iat: Some(now + 1),
             ..clean
         })
         .unwrap(),

@@ -314,6 +314,11 @@ impl Harness {
             .as_deref()
             .map(|a| vec![("authorization", a)])
             .unwrap_or_default();
+        self.authz_with(spec, method, &headers).await
+    }
+
+    /// `/v1/authz` (and its subpaths) with these headers.
+    async fn authz_with(&self, spec: &mut Spec, method: Method, headers: &[(&str, &str)]) -> Resp {
         let mut first = None;
         for (uri, path) in [
             ("/v1/authz", "/v1/authz"),
@@ -321,7 +326,7 @@ impl Harness {
             ("/v1/authz/some/deep/path?q=1", "/v1/authz/{rest}"),
         ] {
             let r = self
-                .request(method.clone(), uri, &headers, Body::empty())
+                .request(method.clone(), uri, headers, Body::empty())
                 .await;
             spec.check(path, &method, None, &r);
             first.get_or_insert(r);
@@ -399,6 +404,7 @@ fn the_spec_is_openapi_3_1_with_sound_schemas_and_refs() {
             "wrong_audience",
             "wrong_type",
             "malformed",
+            "lifetime_exceeded",
             "stale"
         ])
     );
@@ -533,6 +539,10 @@ async fn every_answer_matches_the_spec() {
         (h.token(json!({"exp": t - 120, "iat": t - 400})), "expired"),
         (h.token(json!({"nbf": t + 120})), "not_yet_valid"),
         (
+            h.token(json!({"iat": t - 10, "exp": t + 2 * 86_400})),
+            "lifetime_exceeded",
+        ),
+        (
             impostor.sign(&claims_with(&h.iss, AUD, json!({}))),
             "bad_signature",
         ),
@@ -605,8 +615,19 @@ async fn every_answer_matches_the_spec() {
         let r = h.authz(&mut spec, method.clone(), Some(&active)).await;
         assert_eq!(r.status, StatusCode::OK, "{m}");
         assert_eq!(r.header("x-auth-subject"), Some("alice"));
-        let r = h.authz(&mut spec, method, None).await;
+        let r = h.authz(&mut spec, method.clone(), None).await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{m}");
+        let bearer = format!("Bearer {active}");
+        let twice = [
+            ("authorization", bearer.as_str()),
+            ("authorization", bearer.as_str()),
+        ];
+        let r = h.authz_with(&mut spec, method, &twice).await;
+        assert_eq!(
+            r.status,
+            StatusCode::BAD_REQUEST,
+            "{m}: two Authorization headers"
+        );
     }
     // An active token with no sub/client_id/scope: those headers are simply absent.
     let r = h.authz(&mut spec, Method::GET, Some(&bare)).await;

@@ -900,6 +900,13 @@ async fn metrics_expose_the_readme_names_and_no_secrets() {
     let kafka = revsync::config::KafkaConfig::new(setup.broker.bootstrap());
     tokio::task::spawn_blocking(move || {
         let p = revsync::publish::Publisher::new(&kafka, TOPIC).unwrap();
+        // A revocation with an unusable optional field (applied; the field is counted),
+        // then a malformed one, on the same key: counted in that order.
+        p.send_raw(
+            "k",
+            br#"{"v":1,"id":"m1","type":"token","iss":"https://other.example","jti":"metrics-jti-lenient","event_time":1,"reason":""}"#,
+        )
+        .unwrap();
         p.send_raw(
             "k",
             br#"{"v":1,"type":"token","jti":"metrics-jti-malformed"}"#,
@@ -967,8 +974,12 @@ async fn metrics_expose_the_readme_names_and_no_secrets() {
     }
     assert!(text
         .contains(r#"revsync_checks_total{route="check",outcome="inactive",reason="revoked"} 1"#));
+    // Two revocations, and the one with an unusable reason (its entry already lapsed).
     assert!(text.contains(&format!(
-        "revsync_events_applied_total{{topic=\"{TOPIC}\",format=\"native\"}} 2"
+        "revsync_events_applied_total{{topic=\"{TOPIC}\",format=\"native\"}} 3"
+    )));
+    assert!(text.contains(&format!(
+        "revsync_event_fields_ignored_total{{topic=\"{TOPIC}\",format=\"native\",field=\"reason\"}} 1"
     )));
     assert!(text.contains(r#"revsync_denylist_entries{kind="token"} 1"#));
     for secret in [token.as_str(), sub, jti, sid, "garbage-metrics-token-0d2e"] {

@@ -5,9 +5,18 @@
 //! realm on one topic.
 //!
 //! A record with `operationType` is an admin event, otherwise a user event (`type`).
-//! `time` (ms) is required; `event_time` is it in seconds, and `not_before` is rounded
-//! *up* to the next second so that tokens issued in the event's own second are covered.
+//! `time` (ms) is required; `event_time` and `not_before` are the second it falls in
+//! (rounded down). A token is revoked iff its `iat <= not_before`, so one issued in the
+//! event's own second is covered (which came first inside that second is unknown) and
+//! one issued in the next second is not, as it must be: it was issued after the event.
+//! Rounding up would revoke tokens of that next second too.
 //! Events with a non-empty `error` (failed operations) revoke nothing.
+//!
+//! Only what names the revocation is required: `time`, `type` or `operationType`, and the
+//! event's identifier (`sessionId`, `userId`, `resourcePath`). Other members that are
+//! unusable (an empty `id`, `details` that is not an object, an `error` that is not a
+//! string, a `representation` that is not JSON …) are ignored as if absent, and named in
+//! the caller's [`Ignored`]: throwing the event away would lose its revocation.
 //!
 //! | event | revocation |
 //! |---|---|
@@ -27,40 +36,48 @@
 
 use serde_json::{Map, Value};
 
-use super::{json_object, opt_object, opt_str, opt_u64, req_str, Decoded, FormatError};
-use crate::event::{DecodeError, Event, Revocation};
+use super::{json_object, opt_object, opt_str, opt_u64, optional, req_str, Decoded, FormatError};
+use crate::event::{DecodeError, Event, Ignored, Revocation};
 
 /// Decodes one Keycloak event attributed to `issuer`.
 pub fn decode(payload: &[u8], issuer: &str) -> Decoded {
+    decode_noting(payload, issuer, &mut Ignored::new())
+}
+
+/// [`decode`], naming the unusable optional members it ignored in `ignored`.
+pub fn decode_noting(payload: &[u8], issuer: &str, ignored: &mut Ignored) -> Decoded {
     let obj = json_object(payload)?;
     let ms = opt_u64(&obj, "time")?.ok_or(DecodeError::MissingField("time"))?;
-    let id = match opt_str(&obj, "id")? {
+    let id = match optional(opt_str(&obj, "id"), "id", ignored) {
         Some(id) => id.to_string(),
         None => derived_id(payload),
     };
+    // An error that cannot be read cannot show that the operation failed; taking it as
+    // not failed can only revoke more, never let a revoked token through.
     let failed = match obj.get("error") {
         None | Some(Value::Null) => false,
         Some(Value::String(s)) => !s.is_empty(),
-        Some(_) => return Err(DecodeError::WrongType("error").into()),
+        Some(_) => {
+            ignored.push("error");
+            false
+        }
     };
     let admin = obj.contains_key("operationType");
     if admin {
         req_str(&obj, "operationType")?;
-        any_str(&obj, "resourceType")?;
         any_str(&obj, "resourcePath")?;
     } else {
         req_str(&obj, "type")?;
-        opt_object(&obj, "details")?;
     }
     // A failed operation (wrong password, unknown session …) revoked nothing.
     if failed {
         return Ok(None);
     }
-    let not_before = ms.div_ceil(1000);
+    let not_before = ms / 1000;
     let mapped = if admin {
-        admin_event(&obj, issuer, not_before)?
+        admin_event(&obj, issuer, not_before, ignored)?
     } else {
-        user_event(&obj, issuer, not_before)?
+        user_event(&obj, issuer, not_before, ignored)?
     };
     Ok(mapped.map(|(revocation, reason)| Event {
         id,
@@ -72,8 +89,14 @@ pub fn decode(payload: &[u8], issuer: &str) -> Decoded {
 
 type Mapped = Option<(Revocation, &'static str)>;
 
-fn user_event(obj: &Map<String, Value>, iss: &str, not_before: u64) -> Result<Mapped, FormatError> {
+fn user_event(
+    obj: &Map<String, Value>,
+    iss: &str,
+    not_before: u64,
+    ignored: &mut Ignored,
+) -> Result<Mapped, FormatError> {
     let iss = iss.to_string();
+    let details = optional(opt_object(obj, "details"), "details", ignored);
     Ok(Some(match req_str(obj, "type")? {
         "LOGOUT" => (
             Revocation::Session {
@@ -83,7 +106,9 @@ fn user_event(obj: &Map<String, Value>, iss: &str, not_before: u64) -> Result<Ma
             "keycloak LOGOUT",
         ),
         "REVOKE_GRANT" => {
-            let token_id = match opt_object(obj, "details")? {
+            // A token_id makes this an access-token revocation and is its identifier:
+            // present but unusable, the event is malformed.
+            let token_id = match details {
                 Some(details) => opt_str(details, "token_id")?,
                 None => None,
             };
@@ -116,9 +141,11 @@ fn admin_event(
     obj: &Map<String, Value>,
     iss: &str,
     not_before: u64,
+    ignored: &mut Ignored,
 ) -> Result<Mapped, FormatError> {
     let operation = req_str(obj, "operationType")?;
-    let resource = any_str(obj, "resourceType")?.filter(|r| !r.is_empty());
+    let resource =
+        optional(any_str(obj, "resourceType"), "resourceType", ignored).filter(|r| !r.is_empty());
     let path = any_str(obj, "resourcePath")?.unwrap_or("");
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     // Older Keycloak versions send no resourceType: the path alone decides then.
@@ -153,10 +180,14 @@ fn admin_event(
             "keycloak admin: logout-all",
         ),
         ("UPDATE", _) if resource == Some("REALM") => {
-            let Some(rep) = representation(obj)? else {
+            let Some(rep) = optional(representation(obj), "representation", ignored) else {
                 return Ok(None);
             };
-            match opt_u64(&rep, "notBefore")? {
+            match optional(
+                opt_u64(&rep, "notBefore"),
+                "representation.notBefore",
+                ignored,
+            ) {
                 Some(nb) if nb > 0 => (
                     Revocation::Issuer {
                         iss,
@@ -168,10 +199,20 @@ fn admin_event(
             }
         }
         ("UPDATE", _) if resource == Some("CLIENT") => {
-            let Some(rep) = representation(obj)? else {
+            let Some(rep) = optional(representation(obj), "representation", ignored) else {
                 return Ok(None);
             };
-            match (opt_str(&rep, "clientId")?, opt_u64(&rep, "notBefore")?) {
+            let client_id = optional(
+                opt_str(&rep, "clientId"),
+                "representation.clientId",
+                ignored,
+            );
+            let nb = optional(
+                opt_u64(&rep, "notBefore"),
+                "representation.notBefore",
+                ignored,
+            );
+            match (client_id, nb) {
                 (Some(client_id), Some(nb)) if nb > 0 => (
                     Revocation::Client {
                         iss,
@@ -266,7 +307,7 @@ mod tests {
             Revocation::Subject {
                 iss: ISS.into(),
                 sub: "u1".into(),
-                not_before: 1700000001
+                not_before: 1700000000
             }
         );
     }
@@ -277,7 +318,7 @@ mod tests {
         let sub = Revocation::Subject {
             iss: ISS.into(),
             sub: "u1".into(),
-            not_before: 1700000001,
+            not_before: 1700000000,
         };
         assert_eq!(revocation(admin("DELETE", "USER", "users/u1")), sub);
         assert_eq!(revocation(admin("ACTION", "USER", "users/u1/logout")), sub);
@@ -292,7 +333,7 @@ mod tests {
             revocation(admin("ACTION", "REALM", "logout-all")),
             Revocation::Issuer {
                 iss: ISS.into(),
-                not_before: 1700000001
+                not_before: 1700000000
             }
         );
         // Without resourceType (old Keycloak) the path decides.
@@ -337,8 +378,9 @@ mod tests {
         assert_eq!(dec(zero), Ok(None));
         let absent = json!({"time": 1, "operationType": "UPDATE", "resourceType": "REALM"});
         assert_eq!(dec(absent), Ok(None));
+        // An unreadable representation is ignored like an absent one.
         let broken = json!({"time": 1, "operationType": "UPDATE", "resourceType": "REALM", "representation": "{"});
-        assert_eq!(dec(broken).unwrap_err().reason(), "wrong_type");
+        assert_eq!(dec(broken), Ok(None));
     }
 
     #[test]
@@ -375,20 +417,71 @@ mod tests {
             ),
             (json!({"time": 1}), "missing_field"),
             (json!({"type": 5, "time": 1}), "wrong_type"),
-            (
-                json!({"type": "REVOKE_GRANT", "time": 1, "details": "x"}),
-                "wrong_type",
-            ),
             (json!({"time": 1, "operationType": 3}), "wrong_type"),
-            (
-                json!({"type": "LOGIN", "time": 1, "error": 5}),
-                "wrong_type",
-            ),
         ] {
             assert_eq!(dec(v.clone()).unwrap_err().reason(), reason, "{v}");
         }
         assert_eq!(decode(b"[]", ISS).unwrap_err().reason(), "not_object");
         assert_eq!(decode(b"", ISS).unwrap_err().reason(), "empty");
+    }
+
+    #[test]
+    fn not_before_is_the_second_the_event_happened_in() {
+        // Revoked iff iat <= not_before: a token issued in the event's own second may
+        // precede it (covered), one issued in the next second cannot (spared).
+        for (ms, nb) in [
+            (1700000000000u64, 1700000000),
+            (1700000000001, 1700000000),
+            (1700000000999, 1700000000),
+            (1700000001000, 1700000001),
+        ] {
+            assert_eq!(
+                revocation(json!({"type": "DELETE_ACCOUNT", "time": ms, "userId": "u1"})),
+                Revocation::Subject {
+                    iss: ISS.into(),
+                    sub: "u1".into(),
+                    not_before: nb
+                },
+                "{ms}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_optional_members_are_ignored_and_the_revocation_kept() {
+        let session = Revocation::Session {
+            iss: ISS.into(),
+            sid: "s".into(),
+        };
+        for v in [
+            json!({"id": "", "type": "LOGOUT", "time": 1000, "sessionId": "s"}),
+            json!({"id": 5, "type": "LOGOUT", "time": 1000, "sessionId": "s"}),
+            json!({"type": "LOGOUT", "time": 1000, "sessionId": "s", "details": "n/a"}),
+            json!({"type": "LOGOUT", "time": 1000, "sessionId": "s", "details": [1]}),
+            // An unreadable error cannot show the operation failed: the safe reading is
+            // that it did not.
+            json!({"type": "LOGOUT", "time": 1000, "sessionId": "s", "error": 5}),
+        ] {
+            assert_eq!(revocation(v.clone()), session, "{v}");
+        }
+        let user_logout = json!({"time": 1000, "operationType": "ACTION", "resourceType": 7,
+            "resourcePath": "users/u1/logout"});
+        assert_eq!(
+            revocation(user_logout),
+            Revocation::Subject {
+                iss: ISS.into(),
+                sub: "u1".into(),
+                not_before: 1
+            }
+        );
+        // Unusable details of a REVOKE_GRANT name no token: nothing to revoke. A token_id
+        // that is there but unusable is the identifier of a token revocation: malformed.
+        let v = json!({"type": "REVOKE_GRANT", "time": 1, "details": "x"});
+        assert_eq!(dec(v), Ok(None));
+        for (token_id, reason) in [(json!(5), "wrong_type"), (json!(""), "empty_value")] {
+            let v = json!({"type": "REVOKE_GRANT", "time": 1, "details": {"token_id": token_id}});
+            assert_eq!(dec(v.clone()).unwrap_err().reason(), reason, "{v}");
+        }
     }
 
     #[test]

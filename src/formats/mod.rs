@@ -7,6 +7,11 @@
 //! | `set` | [`set`] | RFC 8417 Security Event Tokens (OpenID CAEP `session-revoked`, `credential-change`) and OpenID Connect Back-Channel Logout tokens, signature verified against the issuer's JWKS |
 //! | `keycloak` | [`keycloak`] | Keycloak user and admin event JSON |
 //!
+//! Only a missing or unusable *required* field (what names the revocation and its time)
+//! makes a record malformed. An unusable optional field is ignored as if absent and named
+//! in an [`Ignored`](crate::event::Ignored) list (the `*_noting` decoders), which the reader counts: throwing the
+//! record away would lose its revocation.
+//!
 //! Decoding a record has three outcomes besides an event:
 //! - *ignored* (`Ok(None)`): well formed, but revokes nothing (a Keycloak `LOGIN`, a CAEP
 //!   `credential-change` of type `create`): counted in `events_ignored`, offset advances;
@@ -22,6 +27,7 @@ pub mod set;
 
 use serde_json::{Map, Value};
 
+pub(crate) use crate::event::optional;
 use crate::event::{DecodeError, Event, MAX_EVENT_BYTES};
 
 /// Why a record did not become an event.

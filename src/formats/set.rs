@@ -25,7 +25,13 @@
 //! 1.0), as an RFC 9493 subject identifier. `jti` is the event id; `event_timestamp`, else
 //! `iat`, the event time. A logout token carrying `nonce` is rejected (it is an ID token,
 //! not a logout token); header `typ` must be `secevent+jwt` (logout tokens: `logout+jwt`,
-//! `secevent+jwt`, `JWT` or none).
+//! `secevent+jwt`, `JWT` or none). A token is revoked iff its `iat <= not_before`, so a
+//! token issued in the event's own second is covered.
+//!
+//! Only what names the revocation is required (`events`, `jti`, `iat`, the subject or
+//! `sid`/`sub`, `change_type`). Unusable optional members (`event_timestamp`, `txn`,
+//! `reason_admin`, `reason_user`, `initiating_entity`) are ignored as if absent and named
+//! in the caller's [`Ignored`]: throwing the event away would lose its revocation.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,8 +39,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde_json::{Map, Value};
 
-use super::{opt_object, opt_str, opt_u64, req_str, Decoded, FormatError};
-use crate::event::{DecodeError, Event, Revocation};
+use super::{opt_object, opt_str, opt_u64, optional, req_str, Decoded, FormatError};
+use crate::event::{DecodeError, Event, Ignored, Revocation};
 use crate::token::{Rejection, TokenValidator, VerifiedJws, MAX_TOKEN_BYTES};
 
 pub const SESSION_REVOKED: &str =
@@ -82,6 +88,17 @@ impl SetVerifier {
         expected_iss: Option<&str>,
         seen_at_ms: u64,
     ) -> Decoded {
+        self.decode_blocking_noting(payload, expected_iss, seen_at_ms, &mut Ignored::new())
+    }
+
+    /// [`Self::decode_blocking`], naming the unusable optional members it ignored.
+    pub fn decode_blocking_noting(
+        &self,
+        payload: &[u8],
+        expected_iss: Option<&str>,
+        seen_at_ms: u64,
+        ignored: &mut Ignored,
+    ) -> Decoded {
         let token = token_text(payload)?;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let validator = self.validator.clone();
@@ -91,7 +108,7 @@ impl SetVerifier {
             let _ = tx.send(result);
         });
         match rx.recv_timeout(self.wait) {
-            Ok(result) => finish(result, token, expected_iss),
+            Ok(result) => finish(result, token, expected_iss, ignored),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(FormatError::Unverifiable(
                 "the signing key lookup is still running".into(),
             )),
@@ -111,8 +128,28 @@ pub async fn decode(
     expected_iss: Option<&str>,
     seen_at_ms: u64,
 ) -> Decoded {
+    decode_noting(
+        validator,
+        token,
+        audience,
+        expected_iss,
+        seen_at_ms,
+        &mut Ignored::new(),
+    )
+    .await
+}
+
+/// [`decode`], naming the unusable optional members it ignored in `ignored`.
+pub async fn decode_noting(
+    validator: &TokenValidator,
+    token: &str,
+    audience: Option<&str>,
+    expected_iss: Option<&str>,
+    seen_at_ms: u64,
+    ignored: &mut Ignored,
+) -> Decoded {
     let result = validator.verify_jws(token, audience, seen_at_ms).await;
-    finish(result, token, expected_iss)
+    finish(result, token, expected_iss, ignored)
 }
 
 /// The compact JWS in a record value: UTF-8, surrounding whitespace trimmed.
@@ -136,6 +173,7 @@ fn finish(
     result: Result<VerifiedJws, Rejection>,
     token: &str,
     expected_iss: Option<&str>,
+    ignored: &mut Ignored,
 ) -> Decoded {
     let jws = result.map_err(|r| rejection_error(&r, token))?;
     if let Some(expected) = expected_iss {
@@ -146,7 +184,7 @@ fn finish(
             ));
         }
     }
-    map_verified(&jws)
+    map_verified_noting(&jws, ignored)
 }
 
 /// The format error for a verification failure. Key unavailability is retryable; every
@@ -165,7 +203,10 @@ pub fn rejection_error(rejection: &Rejection, token: &str) -> FormatError {
         Rejection::WrongIssuer => "wrong_issuer",
         Rejection::WrongAudience => "wrong_audience",
         Rejection::Malformed => "malformed_jws",
-        Rejection::Expired | Rejection::NotYetValid | Rejection::WrongType => "invalid",
+        Rejection::Expired
+        | Rejection::NotYetValid
+        | Rejection::WrongType
+        | Rejection::LifetimeExceeded => "invalid",
     };
     let detail = match reason {
         "unsigned" => "unsigned token (alg none)".to_string(),
@@ -189,6 +230,11 @@ fn header_alg(token: &str) -> Option<String> {
 /// Maps a verified SET (or logout token) to an event: `Ok(None)` when it carries no event
 /// revsync maps (it revokes nothing).
 pub fn map_verified(jws: &VerifiedJws) -> Decoded {
+    map_verified_noting(jws, &mut Ignored::new())
+}
+
+/// [`map_verified`], naming the unusable optional members it ignored in `ignored`.
+pub fn map_verified_noting(jws: &VerifiedJws, ignored: &mut Ignored) -> Decoded {
     let claims = &jws.claims;
     let events = match claims.get("events") {
         None | Some(Value::Null) => {
@@ -232,9 +278,11 @@ pub fn map_verified(jws: &VerifiedJws) -> Decoded {
     let Value::Object(payload) = payload else {
         return Err(DecodeError::WrongType("events").into());
     };
+    // Read by nothing here; only counted when unusable, as the optional members they are.
+    check_shape(claims, "txn", Value::is_string, ignored);
     let mapped = match uri.as_str() {
-        SESSION_REVOKED => session_revoked(jws, payload, iat)?,
-        CREDENTIAL_CHANGE => credential_change(jws, payload, iat)?,
+        SESSION_REVOKED => session_revoked(jws, payload, iat, ignored)?,
+        CREDENTIAL_CHANGE => credential_change(jws, payload, iat, ignored)?,
         _ => backchannel_logout(jws, iat)?,
     };
     Ok(mapped.map(|(revocation, event_time, reason)| Event {
@@ -276,6 +324,35 @@ fn check_typ(header: &Map<String, Value>, logout: bool) -> Result<(), FormatErro
 }
 
 type Mapped = Option<(Revocation, u64, &'static str)>;
+
+/// Names `field` in `ignored` when it is present (not null) but not of the expected shape.
+fn check_shape(
+    obj: &Map<String, Value>,
+    field: &'static str,
+    ok: fn(&Value) -> bool,
+    ignored: &mut Ignored,
+) {
+    if obj.get(field).is_some_and(|v| !v.is_null() && !ok(v)) {
+        ignored.push(field);
+    }
+}
+
+/// The members of a CAEP event payload that only inform: counted when unusable.
+fn check_caep_optional(payload: &Map<String, Value>, ignored: &mut Ignored) {
+    check_shape(payload, "reason_admin", Value::is_object, ignored);
+    check_shape(payload, "reason_user", Value::is_object, ignored);
+    check_shape(payload, "initiating_entity", Value::is_string, ignored);
+}
+
+/// The event's `event_timestamp`, else (absent or unusable) the SET's `iat`.
+fn event_time(payload: &Map<String, Value>, iat: u64, ignored: &mut Ignored) -> u64 {
+    optional(
+        opt_u64(payload, "event_timestamp"),
+        "event_timestamp",
+        ignored,
+    )
+    .unwrap_or(iat)
+}
 
 /// What an RFC 9493 subject identifier names, as far as the model can use it.
 #[derive(Debug, Default, PartialEq)]
@@ -333,8 +410,10 @@ fn session_revoked(
     jws: &VerifiedJws,
     payload: &Map<String, Value>,
     iat: u64,
+    ignored: &mut Ignored,
 ) -> Result<Mapped, FormatError> {
-    let at = opt_u64(payload, "event_timestamp")?.unwrap_or(iat);
+    let at = event_time(payload, iat, ignored);
+    check_caep_optional(payload, ignored);
     let subject = subject_of(payload, &jws.claims)?;
     let revocation = if let Some(sid) = subject.session {
         Revocation::Session {
@@ -363,12 +442,14 @@ fn credential_change(
     jws: &VerifiedJws,
     payload: &Map<String, Value>,
     iat: u64,
+    ignored: &mut Ignored,
 ) -> Result<Mapped, FormatError> {
     let change = req_str(payload, "change_type")?;
     if !matches!(change, "revoke" | "delete") {
         return Ok(None);
     }
-    let at = opt_u64(payload, "event_timestamp")?.unwrap_or(iat);
+    let at = event_time(payload, iat, ignored);
+    check_caep_optional(payload, ignored);
     let Some((iss, sub)) = subject_of(payload, &jws.claims)?.user else {
         return Err(unsupported_subject("credential-change"));
     };
@@ -537,6 +618,44 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(e.event_time, 950);
+    }
+
+    #[test]
+    fn bad_optional_members_are_ignored_and_the_revocation_kept() {
+        let subject = json!({"format": "iss_sub", "iss": ISS, "sub": "alice"});
+        let alice = Revocation::Subject {
+            iss: ISS.into(),
+            sub: "alice".into(),
+            not_before: 1000,
+        };
+        for (payload, extra) in [
+            (
+                json!({"subject": subject, "event_timestamp": "now"}),
+                json!({}),
+            ),
+            (
+                json!({"subject": subject, "event_timestamp": -1}),
+                json!({}),
+            ),
+            (json!({"subject": subject, "reason_admin": 5}), json!({})),
+            (json!({"subject": subject, "reason_user": "x"}), json!({})),
+            (
+                json!({"subject": subject, "initiating_entity": 1}),
+                json!({}),
+            ),
+            (json!({"subject": subject}), json!({"txn": 42})),
+        ] {
+            let t = set(json!({SESSION_REVOKED: payload.clone()}), extra.clone());
+            let e = map_verified(&t).unwrap_or_else(|err| panic!("{payload} {extra}: {err}"));
+            let e = e.expect("an event");
+            assert_eq!(e.revocation, alice, "{payload} {extra}");
+            assert_eq!(e.event_time, 1000, "{payload} {extra}: the SET's iat");
+        }
+        let change = set(
+            json!({CREDENTIAL_CHANGE: {"change_type": "revoke", "subject": subject, "event_timestamp": {}}}),
+            json!({}),
+        );
+        assert_eq!(revocation(map_verified(&change)), alice);
     }
 
     #[test]
