@@ -46,7 +46,12 @@ struct Dev {
 
 impl Dev {
     fn start(dir: &Path, configure: impl FnOnce(&mut Command)) -> Dev {
-        let (port, issuer_port, broker_port) = (free_port(), free_port(), free_port());
+        Dev::start_on(dir, (free_port(), free_port(), free_port()), configure)
+    }
+
+    /// On (check API, issuer, broker) ports `ports`.
+    fn start_on(dir: &Path, ports: (u16, u16, u16), configure: impl FnOnce(&mut Command)) -> Dev {
+        let (port, issuer_port, broker_port) = ports;
         let mut cmd = Command::new(BIN);
         cmd.arg("dev")
             .arg("--dir")
@@ -112,6 +117,23 @@ impl Dev {
         let (status, body) = http("POST", &self.api("/v1/check"), Some(token)).expect("check");
         assert_eq!(status, 200, "{body}");
         serde_json::from_str(&body).unwrap()
+    }
+}
+
+impl Dev {
+    /// SIGTERM, and waits for the clean exit (the store flushed).
+    fn terminate(mut self) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "revsync dev ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -313,4 +335,34 @@ fn dev_needs_nothing_but_the_binary_and_publish_revokes_its_token() {
         0,
         "dev or publish wrote into $HOME"
     );
+}
+
+#[test]
+fn a_second_run_in_the_same_dir_starts_with_an_empty_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ports = (free_port(), free_port(), free_port());
+    let quiet = |c: &mut Command| {
+        c.env("RUST_LOG", "warn");
+    };
+    let mut first = Dev::start_on(tmp.path(), ports, quiet);
+    first.wait_ready(Instant::now(), Duration::from_secs(30));
+    let mint = |dev: &Dev| {
+        let url = format!("{}/token?sub=alice&jti=again-1", dev.issuer());
+        let (status, token) = http("GET", &url, None).expect("mint");
+        assert_eq!(status, 200);
+        token.trim().to_string()
+    };
+    let token = mint(&first);
+    let url = format!("{}/revoke?jti=again-1", first.issuer());
+    assert_eq!(http("POST", &url, None).expect("revoke").0, 200);
+    eventually(Duration::from_secs(10), "the token revoked", || {
+        (first.check(&token)["reason"] == "revoked").then_some(())
+    });
+    first.terminate();
+
+    // Same ports, so the same issuer: the old revocation would cover the new token.
+    let mut second = Dev::start_on(tmp.path(), ports, quiet);
+    second.wait_ready(Instant::now(), Duration::from_secs(30));
+    let answer = second.check(&mint(&second));
+    assert_eq!(answer["active"], true, "{answer}");
 }
