@@ -27,6 +27,7 @@ const NGINX: &str = include_str!("../deploy/nginx/revsync.conf");
 const CADDY: &str = include_str!("../deploy/caddy/Caddyfile");
 const ENVOY: &str = include_str!("../deploy/envoy/envoy.yaml");
 const TRAEFIK: &str = include_str!("../deploy/traefik/dynamic.yaml");
+const ISTIO: &str = include_str!("../deploy/istio/ext-authz.yaml");
 const ALERTS: &str = include_str!("../deploy/monitoring/revsync-alerts.yml");
 const ALERT_TESTS: &str = include_str!("../deploy/monitoring/revsync-alerts.test.yml");
 const DASHBOARD: &str = include_str!("../deploy/monitoring/revsync-dashboard.json");
@@ -270,6 +271,47 @@ fn traefik_strips_then_copies_every_identity_header() {
     }
     assert!(config_lines(TRAEFIK).contains(&"middlewares: [revsync-strip-identity, revsync]"));
     assert!(config_lines(TRAEFIK).contains(&r#"address: "http://127.0.0.1:8181/v1/authz""#));
+}
+
+#[test]
+fn istio_provider_copies_every_identity_header_and_fails_closed() {
+    // The mesh-config half is a commented block (it goes in another resource): read it
+    // without its `#`.
+    let mesh: Vec<&str> = ISTIO
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix('#'))
+        .map(str::trim)
+        .collect();
+    let headers = format!(
+        "headersToUpstreamOnAllow: [{}]",
+        IDENTITY_HEADERS
+            .iter()
+            .map(|h| format!("\"{h}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for line in [
+        "- name: revsync",
+        "service: revsync.local            # the ServiceEntry below: this pod's loopback",
+        "port: 8181",
+        "pathPrefix: /v1/authz",
+        "includeRequestHeadersInCheck: [\"authorization\"]",
+        headers.as_str(),
+        "headersToDownstreamOnDeny: [\"www-authenticate\"]",
+        "failOpen: false",
+    ] {
+        assert!(mesh.contains(&line), "istio mesh config: `{line}`");
+    }
+    let lines = config_lines(ISTIO);
+    for line in [
+        "hosts: [\"revsync.local\"]",
+        "endpoints: [{ address: \"127.0.0.1\" }]",
+        "ports: [{ name: http, number: 8181, protocol: HTTP }]",
+        "action: CUSTOM",
+        "name: revsync",
+    ] {
+        assert!(lines.contains(&line), "istio: `{line}`");
+    }
 }
 
 // ---------------------------------------------------------------------------------------
