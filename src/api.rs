@@ -404,6 +404,119 @@ fn credential_refused(route: Guarded) -> Response {
         .into_response()
 }
 
+/// The `Host` values a loopback listener without a credential answers on its guarded
+/// routes: loopback names and addresses (any port), the listener's own address, and
+/// `http.allowed_hosts`.
+///
+/// Such a listener trusts whatever can reach it, and a browser on the same host can: a
+/// page whose DNS name is re-pointed at 127.0.0.1 (DNS rebinding) reads the answers as
+/// same-origin, with its own name in `Host`. Refusing names that are not this host keeps
+/// `/v1/status`, `/metrics`, `/introspect` and `/v1/check` out of its reach.
+#[derive(Debug, Clone)]
+pub struct LocalHosts {
+    /// Lowercased `host` or `host:port` entries.
+    allowed: Vec<String>,
+}
+
+impl LocalHosts {
+    /// For a listener bound to `bound`, configured as `listen`, also accepting `extra`.
+    pub fn new(bound: Option<std::net::SocketAddr>, listen: &str, extra: &[String]) -> Self {
+        let mut allowed: Vec<String> = extra.iter().map(|h| h.to_ascii_lowercase()).collect();
+        allowed.push(listen.to_ascii_lowercase());
+        if let Some(addr) = bound {
+            allowed.push(addr.to_string());
+        }
+        LocalHosts { allowed }
+    }
+
+    /// Whether `host` (a `Host` header value) names this host.
+    pub fn admits(&self, host: &str) -> bool {
+        let host = host.trim().to_ascii_lowercase();
+        if self.allowed.contains(&host) {
+            return true;
+        }
+        // Without its port: `[::1]:8181` -> `[::1]`, `localhost:8181` -> `localhost`.
+        let name = match host.rsplit_once(':') {
+            Some((name, port))
+                if !port.is_empty()
+                    && port.bytes().all(|b| b.is_ascii_digit())
+                    && (!name.contains(':') || name.ends_with(']')) =>
+            {
+                name
+            }
+            _ => host.as_str(),
+        };
+        if self.allowed.iter().any(|a| a == name) {
+            return true;
+        }
+        let name = name.trim_end_matches('.');
+        if name == "localhost" || name.ends_with(".localhost") {
+            return true;
+        }
+        let bare = name
+            .strip_prefix('[')
+            .and_then(|n| n.strip_suffix(']'))
+            .unwrap_or(name);
+        bare.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+    }
+}
+
+/// Whether a path is checked against [`LocalHosts`]. `/v1/authz` is not: proxies call it
+/// with the client's own `Host` (Envoy ext_authz always does; Caddy `forward_auth` and
+/// Traefik `forwardAuth` copy it), and its answer tells the caller nothing beyond the
+/// claims of a token it already holds. Neither are the probes, whose callers
+/// (orchestrators) use whatever address they reached the pod on.
+fn host_checked(path: &str) -> bool {
+    !(path == "/v1/authz"
+        || path.starts_with("/v1/authz/")
+        || path == "/healthz"
+        || path == "/readyz")
+}
+
+/// `app` answering its guarded routes only when `Host` names this host: others get 421
+/// Misdirected Request. For a loopback TCP listener without a credential (see
+/// [`LocalHosts`]); a request without `Host` (HTTP/1.0, not a browser) passes.
+pub fn require_local_host(app: Router, hosts: LocalHosts) -> Router {
+    app.layer(axum::middleware::from_fn_with_state(
+        Arc::new(hosts),
+        check_host,
+    ))
+}
+
+async fn check_host(
+    State(hosts): State<Arc<LocalHosts>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !host_checked(req.uri().path()) {
+        return next.run(req).await;
+    }
+    let mut presented = req.headers().get_all(header::HOST).iter();
+    let admitted = match (presented.next(), presented.next()) {
+        (None, _) => true,
+        (Some(host), None) => host.to_str().is_ok_and(|h| hosts.admits(h)),
+        // Two Host headers: which one a browser meant is never guessed.
+        (Some(_), Some(_)) => false,
+    };
+    if admitted {
+        return next.run(req).await;
+    }
+    // The Host value is not logged: it is whatever a web page chose.
+    tracing::debug!(
+        path = req.uri().path(),
+        "request refused: Host is not this host"
+    );
+    (
+        StatusCode::MISDIRECTED_REQUEST,
+        Json(json!({
+            "error": "misdirected_request",
+            "error_description": "Host does not name this host (loopback, the listen address or http.allowed_hosts)",
+        })),
+    )
+        .into_response()
+}
+
 /// The `Authorization` header of a request; unlike the `HeaderMap` extractor it copies
 /// no other header.
 enum Authorization {
@@ -720,6 +833,33 @@ fn form_urlencoded_pairs(body: &[u8]) -> Vec<(String, String)> {
     serde_urlencoded::from_bytes::<Vec<(String, String)>>(body).unwrap_or_default()
 }
 
+/// The identity headers of a 200 from `/v1/authz`, every one of them always: a claim the
+/// token lacks (or one no header can carry) is an empty value, never a missing header.
+/// Proxies copy these over the client's request, and some copy only the headers an auth
+/// answer carries (Envoy's `allowed_upstream_headers`, Caddy's `copy_headers`): a header
+/// left out would let a client's own `X-Auth-Scope: admin` through to the upstream.
+pub const IDENTITY_HEADERS: [&str; 4] = [
+    "x-auth-subject",
+    "x-auth-client-id",
+    "x-auth-scope",
+    "x-auth-issuer",
+];
+
+fn identity_headers(token: &VerifiedToken) -> [(&'static str, HeaderValue); 4] {
+    let value = |claim: Option<&str>| {
+        claim
+            .and_then(|v| HeaderValue::from_str(v).ok())
+            .unwrap_or_else(|| HeaderValue::from_static(""))
+    };
+    let [subject, client_id, scope, issuer] = IDENTITY_HEADERS;
+    [
+        (subject, value(token.sub.as_deref())),
+        (client_id, value(token.client_id.as_deref())),
+        (scope, value(token.scope.as_deref())),
+        (issuer, value(Some(&token.iss))),
+    ]
+}
+
 async fn authz(State(s): State<AppState>, headers: Authorization) -> Response {
     let started = Instant::now();
     if matches!(headers, Authorization::Repeated) {
@@ -742,17 +882,11 @@ async fn authz(State(s): State<AppState>, headers: Authorization) -> Response {
         Decision::Active { token, stale } => {
             let mut resp = StatusCode::OK.into_response();
             let h = resp.headers_mut();
-            let mut set = |name: &'static str, v: Option<&str>| {
-                if let Some(v) = v.and_then(|v| HeaderValue::from_str(v).ok()) {
-                    h.insert(name, v);
-                }
-            };
-            set("x-auth-subject", token.sub.as_deref());
-            set("x-auth-client-id", token.client_id.as_deref());
-            set("x-auth-scope", token.scope.as_deref());
-            set("x-auth-issuer", Some(&token.iss));
+            for (name, claim) in identity_headers(&token) {
+                h.insert(name, claim);
+            }
             if stale {
-                set("x-revsync-stale", Some("true"));
+                h.insert("x-revsync-stale", HeaderValue::from_static("true"));
             }
             resp
         }

@@ -269,10 +269,7 @@ pub async fn run(
         None => None,
     };
 
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .context("building the HTTP client")?;
+    let http = crate::token::http_client().context("building the HTTP client")?;
     let background = CancellationToken::new();
     let validator = TokenValidator::start(
         &config.issuers,
@@ -362,6 +359,14 @@ pub async fn run(
     });
     if let Some(secret) = &credential {
         app = api::require_credential(app, api::Credential::new(secret), metrics);
+    } else if let Listener::Tcp(tcp) = &listener {
+        // Loopback without a credential: only this host's names (DNS rebinding).
+        let hosts = api::LocalHosts::new(
+            tcp.local_addr().ok(),
+            &config.http.listen,
+            &config.http.allowed_hosts,
+        );
+        app = api::require_local_host(app, hosts);
     }
     let sizes = denylist.sizes();
     info!(

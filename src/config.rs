@@ -93,6 +93,12 @@ pub struct HttpConfig {
     /// is 408. Must exceed the JWKS and introspection timeouts. Default `15s`.
     #[serde(default = "default_request_timeout", with = "duration")]
     pub request_timeout: Duration,
+    /// More `Host` values (`name` or `name:port`) a loopback listener without a credential
+    /// answers on `/v1/status`, `/metrics`, `/introspect` and `/v1/check`, besides
+    /// loopback names and addresses and `listen` itself; others get 421 (DNS rebinding
+    /// guard, README "Security"). Default none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_hosts: Vec<String>,
 }
 
 impl std::fmt::Debug for HttpConfig {
@@ -108,6 +114,7 @@ impl std::fmt::Debug for HttpConfig {
             .field("shutdown_grace", &self.shutdown_grace)
             .field("header_read_timeout", &self.header_read_timeout)
             .field("request_timeout", &self.request_timeout)
+            .field("allowed_hosts", &self.allowed_hosts)
             .finish()
     }
 }
@@ -181,6 +188,14 @@ impl HttpConfig {
     /// Checks the credential keys, and that a listener reachable from elsewhere has one.
     fn validate(&self) -> Result<(), ConfigError> {
         self.credential()?;
+        for (i, host) in self.allowed_hosts.iter().enumerate() {
+            if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') {
+                return Err(ConfigError::Invalid {
+                    key: format!("http.allowed_hosts[{i}]"),
+                    problem: "must be a host name or address, with an optional :port".into(),
+                });
+            }
+        }
         if !self.has_credential() && !listen_is_local(&self.listen) {
             return Err(ConfigError::Invalid {
                 key: "http.listen".into(),
@@ -214,6 +229,28 @@ impl HttpConfig {
         http.credential()?;
         Ok(http)
     }
+}
+
+/// Whether `url` is `http://` (any case) with a host other than loopback. Anything not
+/// `http://` is left to the fetch itself (which refuses schemes it cannot speak).
+fn plain_http_elsewhere(url: &str) -> bool {
+    let Some(rest) = url
+        .get(..7)
+        .filter(|scheme| scheme.eq_ignore_ascii_case("http://"))
+        .map(|_| &url[7..])
+    else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    // userinfo@host:port
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let with_port = if host_port.ends_with(']') || !host_port.contains(':') {
+        format!("{host_port}:80")
+    } else {
+        host_port.to_string()
+    };
+    // `listen_is_local` takes `unix:` as a socket path; here it is a host named `unix`.
+    with_port.starts_with("unix:") || !listen_is_local(&with_port)
 }
 
 /// Whether `listen` (`host:port` or `unix:/path`) is reachable only from this host: a
@@ -358,6 +395,12 @@ pub struct IssuerConfig {
     /// fetch (the last good keys keep serving). Default `5s`.
     #[serde(default = "default_jwks_timeout", with = "duration")]
     pub jwks_timeout: Duration,
+    /// `true`: `issuer`, `jwks_uri` and `introspection.endpoint` may be plain `http://`
+    /// URLs on other hosts. Default false: they must be `https://` unless their host is
+    /// loopback, since keys or introspection answers fetched in clear text can be forged
+    /// by anyone on the path.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_http: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -580,6 +623,7 @@ impl Default for HttpConfig {
             shutdown_grace: default_drain(),
             header_read_timeout: default_header_timeout(),
             request_timeout: default_request_timeout(),
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -636,6 +680,7 @@ impl IssuerConfig {
             jwks_refresh: default_jwks_refresh(),
             jwks_min_refetch: default_jwks_min_refetch(),
             jwks_timeout: default_jwks_timeout(),
+            allow_http: false,
         }
     }
 }
@@ -694,6 +739,7 @@ impl Config {
             })
         };
         self.http.validate()?;
+        self.require_https()?;
         if self.kafka.brokers.trim().is_empty() {
             return invalid("kafka.brokers", "must name at least one broker");
         }
@@ -812,6 +858,37 @@ impl Config {
                             ASYMMETRIC_ALGORITHMS.join(", ")
                         ),
                     );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every URL revsync fetches keys or answers from is `https://`, or on a loopback
+    /// host, or its issuer says `allow_http = true`. An issuer identifier that is not an
+    /// `http://` URL (a URN, say) is only ever compared, never fetched.
+    fn require_https(&self) -> Result<(), ConfigError> {
+        for (i, iss) in self.issuers.iter().enumerate() {
+            if iss.allow_http {
+                continue;
+            }
+            let urls = [
+                ("issuer", Some(&iss.issuer)),
+                ("jwks_uri", iss.jwks_uri.as_ref()),
+                (
+                    "introspection.endpoint",
+                    iss.introspection.as_ref().map(|x| &x.endpoint),
+                ),
+            ];
+            for (key, url) in urls {
+                let Some(url) = url else { continue };
+                if plain_http_elsewhere(url) {
+                    return Err(ConfigError::Invalid {
+                        key: format!("issuers[{i}].{key}"),
+                        problem: format!(
+                            "{url} is plain http on a non-loopback host: use https, or set issuers[{i}].allow_http = true"
+                        ),
+                    });
                 }
             }
         }

@@ -108,6 +108,33 @@ impl Freshness {
     }
 }
 
+/// Largest introspection answer read. An RFC 7662 answer is a handful of claims; a
+/// bigger one (a broken or hostile endpoint) is a failed call, not memory held per check.
+pub const MAX_INTROSPECTION_BYTES: usize = 64 * 1024;
+
+/// The body of `resp`, refused once it exceeds `limit` bytes (declared or received).
+async fn read_bounded(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, IntrospectError> {
+    let too_large = || IntrospectError::Request(format!("answer larger than {limit} bytes"));
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| IntrospectError::Request(e.without_url().to_string()))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// RFC 7662 client used under `on_stale = "introspect"`: asks the token's issuer whether
 /// a locally valid token is still active while the denylist cannot vouch for it.
 pub struct Introspector {
@@ -137,6 +164,9 @@ impl Introspector {
     ) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .timeout(freshness.introspection_timeout)
+            // A redirect would re-send the token (307/308 keep the form body) to wherever
+            // the endpoint points; only the configured endpoint is asked.
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         let ttl = freshness
             .introspection_cache_ttl
@@ -177,7 +207,9 @@ impl Introspector {
         if !resp.status().is_success() {
             return Err(IntrospectError::Status(resp.status().as_u16()));
         }
-        let body: serde_json::Value = resp.json().await.map_err(|_| IntrospectError::BadAnswer)?;
+        let body = read_bounded(resp, MAX_INTROSPECTION_BYTES).await?;
+        let body: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|_| IntrospectError::BadAnswer)?;
         let active = body
             .get("active")
             .and_then(|v| v.as_bool())

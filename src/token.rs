@@ -662,6 +662,17 @@ fn describe(err: reqwest::Error) -> String {
     }
 }
 
+/// The client JWKS and discovery documents are fetched with. Redirects are not followed:
+/// `jwks_uri` and the issuer are what the operator configured (and checked to be https),
+/// and a redirect could send the fetch to plain http or to a host the operator never
+/// named; a 3xx is a failed fetch.
+pub fn http_client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+}
+
 /// GETs a JSON document of at most [`MAX_JWKS_BYTES`]; `timeout` bounds the whole
 /// exchange, body included (a server trickling bytes is as down as one that never answers).
 async fn get_json(http: &reqwest::Client, url: &str, timeout: Duration) -> Result<Value, String> {

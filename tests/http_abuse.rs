@@ -77,14 +77,14 @@ async fn abusive_clients_get_4xx_or_a_closed_connection_never_a_hang_or_5xx() {
     let results = tokio::task::spawn_blocking(move || {
         let mut r = Vec::new();
         // Slowloris: headers never finish. Closed after the header timeout, not held.
-        let (resp, took) = exchange(addr, &[b"GET /healthz HTTP/1.1\r\nHost: x\r\n"], Duration::ZERO);
+        let (resp, took) = exchange(addr, &[b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n"], Duration::ZERO);
         r.push(("slowloris", resp, took));
         // A body trickled byte by byte, slower than the request timeout allows: 408.
-        let head = b"POST /v1/check HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 40\r\nConnection: close\r\n\r\n";
+        let head = b"POST /v1/check HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 40\r\nConnection: close\r\n\r\n";
         let (resp, took) = exchange(addr, &[head, b"{", b"\"", b"t", b"o", b"k"], Duration::from_millis(300));
         r.push(("slow body", resp, took));
         // Thousands of headers: refused outright.
-        let mut many = String::from("GET /v1/authz HTTP/1.1\r\nHost: x\r\n");
+        let mut many = String::from("GET /v1/authz HTTP/1.1\r\nHost: localhost\r\n");
         for i in 0..3000 {
             many.push_str(&format!("X-H{i}: v\r\n"));
         }
@@ -92,27 +92,27 @@ async fn abusive_clients_get_4xx_or_a_closed_connection_never_a_hang_or_5xx() {
         let (resp, took) = exchange(addr, &[many.as_bytes()], Duration::ZERO);
         r.push(("3000 headers", resp, took));
         // Invalid UTF-8 and wrong content types in the check body.
-        let bad = b"POST /v1/check HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nConnection: close\r\n\r\n\xff\xfe\xfd\xfc";
+        let bad = b"POST /v1/check HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\nConnection: close\r\n\r\n\xff\xfe\xfd\xfc";
         let (resp, took) = exchange(addr, &[bad], Duration::ZERO);
         r.push(("invalid utf-8 body", resp, took));
-        let form = b"POST /v1/check HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 7\r\nConnection: close\r\n\r\ntoken=x";
+        let form = b"POST /v1/check HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 7\r\nConnection: close\r\n\r\ntoken=x";
         let (resp, took) = exchange(addr, &[form], Duration::ZERO);
         r.push(("form body on /v1/check", resp, took));
-        let bad_form = b"POST /introspect HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoken=%ff";
+        let bad_form = b"POST /introspect HTTP/1.1\r\nHost: localhost\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoken=%ff";
         let (resp, took) = exchange(addr, &[bad_form], Duration::ZERO);
         r.push(("non-UTF-8 form token", resp, took));
         // Non-Bearer schemes and header values that are not text.
-        let basic = b"GET /v1/authz HTTP/1.1\r\nHost: x\r\nAuthorization: Basic dXNlcjpwYXNz\r\nConnection: close\r\n\r\n";
+        let basic = b"GET /v1/authz HTTP/1.1\r\nHost: localhost\r\nAuthorization: Basic dXNlcjpwYXNz\r\nConnection: close\r\n\r\n";
         let (resp, took) = exchange(addr, &[basic], Duration::ZERO);
         r.push(("basic scheme", resp, took));
-        let binary = b"GET /v1/authz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n";
+        let binary = b"GET /v1/authz HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n";
         let (resp, took) = exchange(addr, &[binary], Duration::ZERO);
         r.push(("binary bearer", resp, took));
         // Not HTTP at all.
         let (resp, took) = exchange(addr, &[b"\x16\x03\x01\x02\x00garbage\r\n\r\n"], Duration::ZERO);
         r.push(("tls hello / garbage", resp, took));
         // A huge declared body: refused without reading it.
-        let huge = b"POST /v1/check HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\nConnection: close\r\n\r\n{";
+        let huge = b"POST /v1/check HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000000\r\nConnection: close\r\n\r\n{";
         let (resp, took) = exchange(addr, &[huge], Duration::ZERO);
         r.push(("100 MB declared body", resp, took));
         r

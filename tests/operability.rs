@@ -596,7 +596,7 @@ async fn read_answer(conn: &mut BufReader<TcpStream>) -> Answer {
 fn check_request(token: &str) -> Vec<u8> {
     let body = json!({ "token": token }).to_string();
     format!(
-        "POST /v1/check HTTP/1.1\r\nHost: revsync\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v1/check HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()
@@ -701,7 +701,7 @@ async fn sigterm_under_load_drains_answers_and_exits_clean() {
         let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         s.write_all(
             format!(
-                "POST /v1/check HTTP/1.1\r\nHost: revsync\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{first}",
+                "POST /v1/check HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{first}",
                 body.len()
             )
             .as_bytes(),
