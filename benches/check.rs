@@ -219,7 +219,7 @@ async fn start_server(keys: &[&BenchKey], revoked_jtis: &[String]) -> (Server, C
     let sizes = denylist.sizes();
 
     let ingest = IngestState::new();
-    ingest.record_caught_up(revsync::unix_now_ms());
+    ingest.record_caught_up(revsync::monotonic_ms());
     let freshness = Freshness::new(
         FreshnessConfig {
             max_staleness: Duration::from_secs(24 * 3600),

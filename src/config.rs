@@ -753,6 +753,14 @@ impl Config {
         if self.kafka.batch_max == 0 {
             return invalid("kafka.batch_max", "must be at least 1");
         }
+        // A partition added to a topic is read from the next metadata refresh on; until
+        // then watermark rounds vouch without it. Within max_staleness it must be seen.
+        if self.kafka.metadata_interval >= self.freshness.max_staleness {
+            return invalid(
+                "kafka.metadata_interval",
+                "must be shorter than freshness.max_staleness (a partition added later is read only from the next metadata refresh on)",
+            );
+        }
         for (i, t) in self.kafka.topics.iter().enumerate() {
             if t.name.is_empty() {
                 return invalid(&format!("kafka.topics[{i}].name"), "must not be empty");
@@ -1057,6 +1065,16 @@ audiences = ["https://api.example.com"]
 
     fn no_env() -> Vec<(String, String)> {
         Vec::new()
+    }
+
+    #[test]
+    fn partitions_added_later_are_seen_within_max_staleness() {
+        let text = format!("{MINIMAL}\n[freshness]\nmax_staleness = \"5s\"\n");
+        let err = Config::parse(&text, no_env()).unwrap_err().to_string();
+        assert!(err.contains("kafka.metadata_interval"), "{err}");
+        let ok = format!("{MINIMAL}\n[freshness]\nmax_staleness = \"5s\"\n")
+            .replace("[kafka]\n", "[kafka]\nmetadata_interval = \"2s\"\n");
+        Config::parse(&ok, no_env()).unwrap();
     }
 
     #[test]

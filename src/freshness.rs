@@ -73,7 +73,7 @@ impl Freshness {
         self.config.on_stale
     }
 
-    /// The state at `now_ms` (unix ms).
+    /// The state at `now_ms` ([`crate::monotonic_ms`]).
     pub fn view_at(&self, now_ms: u64) -> FreshnessView {
         let max = self.config.max_staleness.as_millis() as u64;
         let age_ms = self
@@ -104,7 +104,7 @@ impl Freshness {
     }
 
     pub fn view(&self) -> FreshnessView {
-        self.view_at(crate::unix_now_ms())
+        self.view_at(crate::monotonic_ms())
     }
 }
 

@@ -52,7 +52,7 @@ use crate::event::{self, Event, NativeRecord};
 use crate::formats::set::SetVerifier;
 use crate::formats::{keycloak, Decoded, FormatError};
 use crate::metrics::{Metrics, PartitionLabels, TopicLabels};
-use crate::{unix_now, unix_now_ms};
+use crate::{monotonic_ms, unix_now, unix_now_ms};
 
 /// The group id librdkafka needs before it lets a consumer `assign`. revsync never joins
 /// the group nor commits to it; positions live in the store.
@@ -74,8 +74,9 @@ const HOLD_MAX: Duration = Duration::from_secs(10);
 #[derive(Default)]
 pub struct IngestState {
     partitions: RwLock<BTreeMap<(String, i32), PartitionState>>,
-    /// Unix ms at which a watermark round began that found every partition read up to
-    /// its high watermark; 0 = never. Everything published before then is applied.
+    /// When a watermark round began that found every partition read up to its high
+    /// watermark ([`crate::monotonic_ms`]); 0 = never. Everything published before then
+    /// is applied.
     caught_up_at_ms: AtomicU64,
     /// Set when the store refuses writes: the denylist cannot be trusted to be complete.
     store_failing: AtomicBool,
@@ -150,14 +151,19 @@ impl IngestState {
         }
     }
 
-    /// Records a heartbeat from `iss` sent at `at_ms`.
-    pub fn record_heartbeat(&self, iss: &str, at_ms: u64) {
+    /// Records a heartbeat from `iss` sent at `sent_unix_ms` (the producer's clock). It
+    /// is kept on the monotonic clock as "now minus its age", the age never below zero:
+    /// a heartbeat dated in the future (a publisher's clock ahead) counts as sent now,
+    /// else it would keep `heartbeat_max_age` satisfied long after its publisher died.
+    pub fn record_heartbeat(&self, iss: &str, sent_unix_ms: u64) {
+        let age = unix_now_ms().saturating_sub(sent_unix_ms);
+        let at_ms = monotonic_ms().saturating_sub(age);
         let mut map = self.heartbeats.write().unwrap_or_else(|p| p.into_inner());
         let t = map.entry(iss.to_string()).or_insert(0);
         *t = (*t).max(at_ms);
     }
 
-    /// Unix ms of the newest heartbeat from `iss`, if any.
+    /// Monotonic ms ([`crate::monotonic_ms`]) of the newest heartbeat from `iss`, if any.
     pub fn last_heartbeat_ms(&self, iss: &str) -> Option<u64> {
         let map = self.heartbeats.read().unwrap_or_else(|p| p.into_inner());
         map.get(iss).copied()
@@ -611,7 +617,7 @@ impl Reader {
         }
         self.expected.clear();
         self.holds = Holds::default();
-        let now_ms = unix_now_ms();
+        let now_ms = monotonic_ms();
         for status in self.state.partitions() {
             let key = (status.topic, status.partition);
             self.state
@@ -1206,7 +1212,7 @@ fn check_continuity(
     };
     let log_reset = || {
         metrics.log_resets.get_or_create(&labels).inc();
-        state.begin_recovery(&key, unix_now_ms());
+        state.begin_recovery(&key, monotonic_ms());
         state.reseeked(&key);
     };
     if offset < want {
@@ -1591,7 +1597,7 @@ impl Watcher {
     }
 
     fn refresh_watermarks(&mut self) {
-        let started_ms = unix_now_ms();
+        let started_ms = monotonic_ms();
         let keys: Vec<(String, i32)> = {
             let map = self
                 .state
@@ -1682,7 +1688,7 @@ impl Watcher {
         if let Some(at) = self.state.caught_up_at_ms() {
             self.metrics
                 .seconds_since_caught_up
-                .set(unix_now_ms().saturating_sub(at) as f64 / 1000.0);
+                .set(monotonic_ms().saturating_sub(at) as f64 / 1000.0);
         }
     }
 }
@@ -1690,6 +1696,22 @@ impl Watcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_heartbeat_dated_in_the_future_counts_as_sent_now() {
+        let state = IngestState::new();
+        let before = monotonic_ms();
+        state.record_heartbeat("I", unix_now_ms() + 3_600_000);
+        let at = state.last_heartbeat_ms("I").unwrap();
+        assert!(
+            at >= before && at <= monotonic_ms(),
+            "a heartbeat from an hour ahead would keep heartbeat_max_age satisfied for an hour: {at} vs {before}"
+        );
+        // An old one keeps its age.
+        state.record_heartbeat("J", unix_now_ms().saturating_sub(60_000));
+        let j = state.last_heartbeat_ms("J").unwrap();
+        assert!(monotonic_ms() - j >= 59_000, "{j}");
+    }
 
     #[test]
     fn a_round_is_confirmed_when_positions_pass_it_even_if_lag_never_hits_zero() {

@@ -50,6 +50,15 @@ pub fn unix_now() -> u64 {
     unix_now_ms() / 1000
 }
 
+/// Milliseconds on a monotonic clock that reads the wall clock's value when the process
+/// started. Freshness ages are measured on it: a wall clock stepped back (NTP, a VM
+/// resumed) must not make an old catch-up look recent.
+pub fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<(std::time::Instant, u64)> = std::sync::OnceLock::new();
+    let (at, unix_ms) = START.get_or_init(|| (std::time::Instant::now(), unix_now_ms()));
+    unix_ms + at.elapsed().as_millis() as u64
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn unix_now_ms() -> u64 {
     std::time::SystemTime::now()

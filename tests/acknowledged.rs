@@ -24,9 +24,7 @@ fn ssf_toml(port: u16, bridge: bool) -> String {
     } else {
         String::new()
     };
-    format!(
-        "[ssf]\nlisten = \"127.0.0.1:{port}\"\nbearer_secret = \"{SECRET}\"\n{bridge}\n[freshness]\nmax_staleness = \"5s\"\n"
-    )
+    format!("[ssf]\nlisten = \"127.0.0.1:{port}\"\nbearer_secret = \"{SECRET}\"\n{bridge}")
 }
 
 fn session_revoked(key: &TestKey, iss: &str, sid: &str) -> String {

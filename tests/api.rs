@@ -342,12 +342,12 @@ async fn check_stale_denies_or_allows_by_policy() {
     deny.assert_inactive("garbage", "malformed").await;
     // Caught up long ago is as stale as never.
     deny.ingest
-        .record_caught_up(revsync::unix_now_ms() - 60_000);
+        .record_caught_up(revsync::monotonic_ms() - 60_000);
     assert_eq!(
         deny.check(&token).await.json(),
         json!({"active": false, "reason": "stale", "undecided": true})
     );
-    deny.ingest.record_caught_up(revsync::unix_now_ms());
+    deny.ingest.record_caught_up(revsync::monotonic_ms());
     deny.assert_active(&token).await;
 
     // `introspect` has no client yet: it must not answer active.
@@ -657,7 +657,7 @@ async fn health_and_readiness() {
     assert_eq!(body["freshness"]["stale"], json!(true));
     assert_eq!(body["freshness"]["age_ms"], Value::Null);
 
-    h.ingest.record_caught_up(revsync::unix_now_ms());
+    h.ingest.record_caught_up(revsync::monotonic_ms());
     let r = h.get("/readyz").await;
     assert_eq!(r.status, StatusCode::OK);
     let body = r.json();

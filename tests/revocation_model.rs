@@ -249,7 +249,7 @@ fn retention(iss: &str) -> Retention {
 /// stay so for a day), so that only validation and the denylist decide.
 fn checker(w: &World, store: Arc<Denylist>) -> Checker {
     let ingest = IngestState::new();
-    ingest.record_caught_up(revsync::unix_now_ms());
+    ingest.record_caught_up(revsync::monotonic_ms());
     let freshness = Freshness::new(
         FreshnessConfig {
             max_staleness: Duration::from_secs(24 * 3600),

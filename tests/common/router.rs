@@ -109,7 +109,7 @@ impl Harness {
         let denylist = temporary_denylist();
         let ingest = IngestState::new();
         if opts.caught_up {
-            ingest.record_caught_up(revsync::unix_now_ms());
+            ingest.record_caught_up(revsync::monotonic_ms());
         }
         let freshness = Freshness::new(
             FreshnessConfig {
