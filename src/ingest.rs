@@ -277,6 +277,12 @@ impl IngestState {
         self.store_failing.load(Ordering::Acquire)
     }
 
+    /// Sets whether the store refuses writes (the reader sets it while it reopens the
+    /// store): the denylist is then stale, and `/healthz` answers 503.
+    pub fn set_store_failing(&self, failing: bool) {
+        self.store_failing.store(failing, Ordering::Release);
+    }
+
     pub fn partitions(&self) -> Vec<PartitionStatus> {
         self.partitions
             .read()
@@ -568,7 +574,7 @@ impl Reader {
     /// came first.
     fn recover_store(&mut self) -> bool {
         let cause = self.denylist.failure().unwrap_or_default();
-        self.state.store_failing.store(true, Ordering::Release);
+        self.state.set_store_failing(true);
         self.metrics.store_failing.set(1);
         error!(error = %cause, "the store failed: ingest stopped and the denylist is not vouched for; reopening the store");
         // A store that fails again right after each reopen (a disk still full) is
@@ -626,7 +632,7 @@ impl Reader {
             self.state.reseeked(&key);
         }
         self.assign(assigned);
-        self.state.store_failing.store(false, Ordering::Release);
+        self.state.set_store_failing(false);
         self.metrics.store_failing.set(0);
         info!(
             "store reopened: reading again from the stored positions; not vouching until caught up"

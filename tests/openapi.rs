@@ -685,6 +685,18 @@ async fn every_answer_matches_the_spec() {
     let r = allow.authz(&mut spec, Method::POST, Some(&token)).await;
     assert_eq!(r.header("x-revsync-stale"), Some("true"));
 
+    // --- the store refuses writes: not live, not ready
+    let failing = Harness::new(Opts::default()).await;
+    failing.ingest.set_store_failing(true);
+    assert_eq!(
+        failing.get(&mut spec, "/healthz").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        failing.get(&mut spec, "/readyz").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+
     // --- keys never loaded: undecided unknown_key, not ready
     let down = Harness::new(Opts {
         jwks_down: true,
