@@ -82,6 +82,25 @@ fn session_tokens(key: &TestKey, iss: &str, prefix: &str, n: usize) -> Vec<(Stri
         .collect()
 }
 
+/// Pushes a session-revoked SET for each session, one by one, each answered 202.
+async fn push_all(ssf_port: u16, key: &TestKey, iss: &str, sessions: &[(String, String)]) {
+    for (sid, _) in sessions {
+        let resp = push(ssf_port, &session_revoked(key, iss, sid)).await;
+        assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+    }
+}
+
+/// Every session's token is answered revoked by `daemon`.
+async fn assert_all_revoked(daemon: &Daemon, sessions: &[(String, String)], when: &str) {
+    for (sid, token) in sessions {
+        assert_eq!(
+            check(daemon, token).await,
+            json!({"active": false, "reason": "revoked"}),
+            "{when}: session {sid} acknowledged with 202 was lost"
+        );
+    }
+}
+
 fn wait_ready(daemon: &Daemon) {
     blocking(|| {
         eventually(Duration::from_secs(60), "the daemon ready", || {
@@ -112,19 +131,10 @@ async fn a_202_in_local_mode_survives_kill_9() {
             Duration::from_secs(20)
         )));
         // Pushed one by one; the kill comes right after the last 202.
-        for (sid, _) in &sessions {
-            let resp = push(ssf_port, &session_revoked(&key, &iss, sid)).await;
-            assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
-        }
+        push_all(ssf_port, &key, &iss, &sessions).await;
         blocking(|| daemon.kill9());
         let daemon = blocking(|| Daemon::spawn(&config, port));
-        for (sid, token) in &sessions {
-            assert_eq!(
-                check(&daemon, token).await,
-                json!({"active": false, "reason": "revoked"}),
-                "round {round}: session {sid} acknowledged with 202 was lost after kill -9"
-            );
-        }
+        assert_all_revoked(&daemon, &sessions, &format!("round {round}: after kill -9")).await;
     }
 }
 
@@ -150,10 +160,7 @@ async fn a_202_in_bridge_mode_survives_kill_9_of_the_bridge() {
         ssf_port,
         Duration::from_secs(20)
     )));
-    for (sid, _) in &sessions {
-        let resp = push(ssf_port, &session_revoked(&key, &iss, sid)).await;
-        assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
-    }
+    push_all(ssf_port, &key, &iss, &sessions).await;
     blocking(|| bridge.kill9());
 
     // A brand-new instance that only reads the topic has every acknowledged event.
@@ -165,13 +172,12 @@ async fn a_202_in_bridge_mode_survives_kill_9_of_the_bridge() {
         .write(&reader_dir.join("revsync.toml"));
     let reader = blocking(|| Daemon::spawn(&reader_config, reader_port));
     wait_ready(&reader);
-    for (sid, token) in &sessions {
-        assert_eq!(
-            check(&reader, token).await,
-            json!({"active": false, "reason": "revoked"}),
-            "session {sid} acknowledged by the bridge is not in Kafka"
-        );
-    }
+    assert_all_revoked(
+        &reader,
+        &sessions,
+        "read from Kafka after the bridge's kill -9",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
