@@ -498,7 +498,10 @@ impl Denylist {
             ));
         };
         // sled locks its directory: the old handle must be gone before it opens again.
-        drop(self.store.write().unwrap_or_else(|p| p.into_inner()).take());
+        let old = self.store.write().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(old) = old {
+            close(old);
+        }
         self.load(Store::open(path, *cache_bytes)?)?;
         *self.failure.write().unwrap_or_else(|p| p.into_inner()) = None;
         self.failing.store(false, Ordering::Release);
@@ -609,7 +612,7 @@ impl Denylist {
         if !pending.is_empty() {
             store.tree.apply_batch(entries)?;
         }
-        store.db.flush()?;
+        flush_db(&store.db)?;
         // Only now do checks and counts see the batch: whatever revsync acts on or
         // reports is on disk.
         self.commit_counts(&count_delta);
@@ -795,7 +798,7 @@ impl Denylist {
     pub fn flush(&self) -> Result<usize, StoreError> {
         let guard = self.read_store();
         let store = self.usable(&guard)?;
-        store.db.flush().map_err(|e| self.fail(e.into()))
+        flush_db(&store.db).map_err(|e| self.fail(e))
     }
 
     /// Bytes the store takes on disk.
@@ -883,6 +886,71 @@ fn entry_key(kind: u8, iss: &str, id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(3 + iss.len() + id.len());
     fill_entry_key(&mut k, kind, iss, id);
     k
+}
+
+/// How long a flush may wait before another one is started to wake it (see [`flush_db`]).
+const FLUSH_KICK: Duration = Duration::from_millis(500);
+
+/// Runs `work` (a flush, or dropping the last handle, which flushes) so that it cannot
+/// hang. sled 0.34 can lose the wake-up of a flush waiting for its log to become stable
+/// when a write-out fails (a full disk): the waiter then sleeps forever, holding
+/// whatever lock its caller holds. Another flush that finds sled's error wakes every
+/// waiter, so while `work` has not returned, one more flush of `db` is started every
+/// [`FLUSH_KICK`]; work that is merely slow is unharmed (the extra flushes return with it).
+fn kicked<T: Send + 'static>(
+    db: &sled::Db,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, StoreError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("revsync-store".into())
+        .spawn(move || {
+            let _ = tx.send(work());
+        })
+        .map_err(|e| StoreError::Sled(e.into()))?;
+    loop {
+        match rx.recv_timeout(FLUSH_KICK) {
+            Ok(out) => return Ok(out),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let db = db.clone();
+                let _ = std::thread::Builder::new()
+                    .name("revsync-flush-kick".into())
+                    .spawn(move || {
+                        let _ = db.flush();
+                    });
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(StoreError::Failed("a store thread died".into()))
+            }
+        }
+    }
+}
+
+/// `db.flush()`, which cannot hang (see [`kicked`]).
+fn flush_db(db: &sled::Db) -> Result<usize, StoreError> {
+    let handle = db.clone();
+    Ok(kicked(db, move || handle.flush())??)
+}
+
+/// Closes a database without hanging: sled flushes when its last handle goes (see
+/// [`kicked`]). Kicking needs a handle of its own, dropped last: by then the others are
+/// gone and a failed store's flush returns at once with its error.
+fn close(store: Store) {
+    let kick = store.db.clone();
+    let _ = kicked(&kick, move || drop(store));
+}
+
+impl Drop for Denylist {
+    fn drop(&mut self) {
+        let store = self
+            .store
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(store) = store {
+            close(store);
+        }
+    }
 }
 
 /// Removes snapshot files sled began and never finished. sled 0.34 writes a snapshot to

@@ -96,7 +96,11 @@ async fn a_full_disk_stops_vouching_and_revsync_recovers_once_space_returns() {
     let base = format!("http://{}", listener.describe());
     let stop = CancellationToken::new();
     let daemon = tokio::spawn(app::run(config, listener, stop.clone()));
-    let client = reqwest::Client::new();
+    // A hung daemon fails the test instead of hanging it.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
     let get = |path: &'static str| {
         let client = client.clone();
         let base = base.clone();
@@ -322,7 +326,11 @@ async fn after_a_full_disk_is_grown_a_restart_loses_nothing() {
         std::fs::write(&path, config).unwrap();
         path
     };
-    let client = reqwest::Client::new();
+    // A hung daemon fails the test instead of hanging it.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
     let status = |daemon: &Daemon| {
         let client = client.clone();
         let url = daemon.url("/v1/status");
