@@ -76,6 +76,9 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("store: corrupt entry under key prefix {0:?}")]
     Corrupt(char),
+    /// sled did not let go of the failed database: this process cannot open it again.
+    #[error("store: sled did not release the failed database")]
+    Stuck,
     /// A write failed earlier; the store takes none until it is reopened.
     #[error("store failed: {0}")]
     Failed(String),
@@ -500,7 +503,9 @@ impl Denylist {
         // sled locks its directory: the old handle must be gone before it opens again.
         let old = self.store.write().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(old) = old {
-            close(old);
+            if !close(old) {
+                return Err(StoreError::Stuck);
+            }
         }
         self.load(Store::open(path, *cache_bytes)?)?;
         *self.failure.write().unwrap_or_else(|p| p.into_inner()) = None;
@@ -932,12 +937,25 @@ fn flush_db(db: &sled::Db) -> Result<usize, StoreError> {
     Ok(kicked(db, move || handle.flush())??)
 }
 
+/// How long closing a database may take once its other handles are gone.
+const CLOSE_LAST: Duration = Duration::from_secs(10);
+
 /// Closes a database without hanging: sled flushes when its last handle goes (see
-/// [`kicked`]). Kicking needs a handle of its own, dropped last: by then the others are
-/// gone and a failed store's flush returns at once with its error.
-fn close(store: Store) {
+/// [`kicked`]). Kicking needs a handle of its own, dropped last, where nothing can kick:
+/// that last drop gets [`CLOSE_LAST`] on a thread of its own. `false` if it is still
+/// stuck then: sled keeps the directory locked, so this process can never open the
+/// store again (see [`StoreError::Stuck`]).
+fn close(store: Store) -> bool {
     let kick = store.db.clone();
     let _ = kicked(&kick, move || drop(store));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("revsync-store-close".into())
+        .spawn(move || {
+            drop(kick);
+            let _ = tx.send(());
+        });
+    spawned.is_ok() && rx.recv_timeout(CLOSE_LAST).is_ok()
 }
 
 impl Drop for Denylist {

@@ -65,6 +65,8 @@ const WATCH_TIMEOUT: Duration = Duration::from_secs(2);
 /// First wait before reopening a failed store; doubles up to `STORE_RETRY_MAX`.
 const STORE_RETRY: Duration = Duration::from_millis(500);
 const STORE_RETRY_MAX: Duration = Duration::from_secs(10);
+/// Exit status when a failed store cannot be reopened in this process (EX_TEMPFAIL).
+pub const STORE_STUCK_EXIT: i32 = 75;
 /// First wait before a held partition's record is retried; doubles up to `HOLD_MAX`.
 const HOLD_MIN: Duration = Duration::from_millis(500);
 const HOLD_MAX: Duration = Duration::from_secs(10);
@@ -596,6 +598,12 @@ impl Reader {
                 .and_then(|()| self.denylist.positions());
             match reopened {
                 Ok(stored) => break stored,
+                Err(crate::denylist::StoreError::Stuck) => {
+                    // Safe: everything acknowledged is on disk (positions follow their
+                    // data), and a restarted process opens the store afresh.
+                    error!(exit_code = STORE_STUCK_EXIT, "sled did not release the failed store, so this process cannot reopen it: exiting for the supervisor to restart revsync");
+                    std::process::exit(STORE_STUCK_EXIT);
+                }
                 Err(e) => {
                     self.metrics.store_errors.inc();
                     warn!(error = %e, retry_in = ?backoff, "cannot reopen the store yet");

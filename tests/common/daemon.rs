@@ -191,6 +191,13 @@ impl Daemon {
         self.child.as_ref().map(Child::id)
     }
 
+    /// `Some(exit code)` once the child has exited (`Some(None)`: killed by a signal).
+    pub fn exited(&mut self) -> Option<Option<i32>> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status.code())
+    }
+
     /// SIGKILL: no flush, no goodbye.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
